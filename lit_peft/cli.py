@@ -1,0 +1,107 @@
+"""The ``lit-peft`` command.
+
+``fit | validate | test | predict`` are LightningCLI's, in subclass mode for ``model`` and
+``data`` (your own LightningModule / LightningDataModule plug in by ``class_path``), with two
+top-level keys of our own, both Callbacks that join ``trainer.callbacks``:
+
+- ``method``: the fine-tuning method (default: full fine-tuning),
+- ``report``: the efficiency figures and ``summary.json`` (on by default).
+
+``merge`` and ``export`` turn a checkpoint into a merged transformers model folder or a PEFT
+adapter folder. Bad input (``ConfigError``) prints one message and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lit_peft.errors import ConfigError
+from lit_peft.metrics import EfficiencyReport
+from lit_peft.methods.base import Method
+from lit_peft.tasks.base import PeftTask
+
+EXTRA = {
+    "merge": "Fold a checkpoint's trained state into the backbone; save a transformers model folder.",
+    "export": "Save a checkpoint's adapter as a PEFT adapter folder (adapter_config.json + safetensors).",
+}
+
+
+class LitPeftCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(Method, "method", subclass_mode=True, required=False)
+        parser.set_defaults({"method": {"class_path": "lit_peft.methods.FullFineTune"}})
+        parser.add_lightning_class_args(EfficiencyReport, "report")
+
+
+def trainer_defaults() -> dict:
+    return {
+        "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "lit-peft"}},
+        "deterministic": "warn",
+    }
+
+
+def run_lightning(args: Optional[list[str]] = None) -> None:
+    LitPeftCLI(
+        PeftTask,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        seed_everything_default=42,
+        trainer_defaults=trainer_defaults(),
+        parser_kwargs={"description": "Parameter-efficient fine-tuning with PyTorch Lightning. Also: "
+                                      + "; ".join(f"`lit-peft {k}`: {v}" for k, v in EXTRA.items())},
+        args=args,
+    )
+
+
+def run_extra(command: str, args: list[str]) -> None:
+    from jsonargparse import ArgumentParser
+
+    from lit_peft import export as exporting
+
+    parser = ArgumentParser(prog=f"lit-peft {command}", description=EXTRA[command])
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `lit-peft fit`")
+    parser.add_argument("--output_dir", required=True, help="folder to write (must not exist or be empty)")
+    if command == "merge":
+        parser.add_argument("--dtype", default="float32", help="dtype of the saved weights: float32, bfloat16, float16")
+    cfg = parser.parse_args(args)
+    if command == "merge":
+        exporting.merge_checkpoint(cfg.ckpt_path, Path(cfg.output_dir), dtype=cfg.dtype)
+    else:
+        exporting.export_checkpoint(cfg.ckpt_path, Path(cfg.output_dir))
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    argv = list(sys.argv[1:] if args is None else args)
+    try:
+        if argv and argv[0] in EXTRA:
+            run_extra(argv[0], argv[1:])
+        else:
+            run_lightning(argv)
+    except Exception as err:  # noqa: BLE001 - bad input may arrive wrapped by jsonargparse or Lightning
+        cause = config_error(err)
+        if cause is None:
+            raise
+        print(f"lit-peft: error: {cause}", file=sys.stderr)
+        sys.exit(2)
+
+
+def config_error(err: BaseException) -> Optional[ConfigError]:
+    """The ConfigError behind ``err``, following the chain of causes."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ConfigError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+if __name__ == "__main__":
+    main()

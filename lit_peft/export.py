@@ -1,0 +1,84 @@
+"""From a lit-peft checkpoint to artefacts other tools load.
+
+- ``merge_checkpoint``: the trained state folded into the backbone, saved as a transformers model
+  folder (safetensors) with its tokenizer; loads with ``AutoModelFor*.from_pretrained``.
+- ``export_checkpoint``: the adapter saved in PEFT's format; loads with
+  ``peft.PeftModel.from_pretrained`` on the original backbone.
+
+A checkpoint holds only what trained; the task and method are rebuilt from the class paths and
+arguments it records, the pretrained backbone is loaded again, and the trained state goes on top.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lit_peft.backbones import torch_dtype
+from lit_peft.errors import ConfigError
+from lit_peft.tasks.base import PeftTask, build
+
+
+def load_checkpoint(ckpt_path: str | Path) -> PeftTask:
+    """Rebuild the task and method a checkpoint was trained with, and load its trained state."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint '{path}' does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    meta = ckpt.get("lit_peft")
+    if meta is None:
+        raise ConfigError(f"'{path}' was not written by lit-peft (it has no 'lit_peft' entry)")
+    task: PeftTask = build(meta["task"])
+    method = build(meta["method"]) if meta.get("method") else None
+    if method is not None:
+        method.attach(task)
+    else:
+        task.configure_backbone()
+    task.on_load_checkpoint(ckpt)  # checks that every trained weight is there
+    task.load_state_dict(ckpt["state_dict"], strict=False)
+    if method is not None:
+        state = ckpt.get("callbacks", {}).get(method.state_key)
+        if state:
+            method.load_state_dict(state)
+    return task.eval()
+
+
+def _prepare(output_dir: Path) -> None:
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise ConfigError(f"output folder '{output_dir}' is not empty; choose a new folder so nothing is overwritten")
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def merge_checkpoint(ckpt_path: str | Path, output_dir: Path, dtype: str = "float32") -> Path:
+    output_dir = Path(output_dir)
+    task = load_checkpoint(ckpt_path)
+    method = task.method
+    if method is not None and not method.mergeable:
+        raise ConfigError(f"method '{method.name}' cannot be merged into the backbone's weights: {method.merge_note}")
+    _prepare(output_dir)
+    merged = method.merge(task) if method is not None else task.backbone
+    merged = merged.to(torch_dtype(dtype))
+    merged.save_pretrained(str(output_dir), safe_serialization=True)
+    task.tokenizer.save_pretrained(str(output_dir))
+    note: dict[str, Any] = {"merged_from": str(ckpt_path), "method": task.method_name, "dtype": dtype,
+                            "backbone": task.backbone_name}
+    (output_dir / "lit_peft_merge.json").write_text(json.dumps(note, indent=2) + "\n")
+    print(f"[lit-peft] merged {task.method_name} into {task.backbone_name}; saved a {dtype} model to {output_dir}")
+    return output_dir
+
+
+def export_checkpoint(ckpt_path: str | Path, output_dir: Path) -> Path:
+    output_dir = Path(output_dir)
+    task = load_checkpoint(ckpt_path)
+    if task.method is None or not task.method.exportable:
+        raise ConfigError(
+            f"method '{task.method_name}' trains the backbone's own weights, not an adapter, so there is nothing "
+            "to export in PEFT's format; use `lit-peft merge` to save the fine-tuned model"
+        )
+    _prepare(output_dir)
+    task.method.export(task, output_dir)
+    print(f"[lit-peft] exported the {task.method_name} adapter to {output_dir}")
+    return output_dir

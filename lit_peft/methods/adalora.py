@@ -1,0 +1,96 @@
+"""AdaLoRA (Zhang et al. 2023, arXiv 2303.10512) through peft.
+
+LoRA in SVD form (P diag(E) Q) whose rank budget shrinks from ``init_r`` to ``target_r`` per layer
+on average: after ``tinit`` warm-up steps the budget falls on a cubic schedule until ``tfinal``
+steps before the end, pruning the singular values of least importance (a smoothed gradient-weight
+sensitivity). peft's rank allocator does the pruning; this callback steps it once after every
+optimizer step, adds the orthogonality regularizer to the loss, and saves the allocator's
+importance estimates in the checkpoint so a resumed run prunes exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch import Trainer
+
+from lit_peft.errors import ConfigError
+from lit_peft.methods.peft_adapter import PeftAdapter
+from lit_peft.methods.targets import Targets
+
+
+class AdaLoRA(PeftAdapter):
+    """Adaptive-rank LoRA with peft's rank allocator stepped on the trainer's global step."""
+
+    name = "adalora"
+
+    def __init__(self, init_r: int = 12, target_r: int = 8, alpha: float = 16, dropout: float = 0.1,
+                 targets: Targets = "qv", tinit: int = 0, tfinal: int = 0, delta_t: int = 1,
+                 beta1: float = 0.85, beta2: float = 0.85, orth_reg_weight: float = 0.5,
+                 total_step: Optional[int] = None) -> None:
+        super().__init__(targets=targets)
+        if not 0 < target_r <= init_r:
+            raise ConfigError(f"AdaLoRA needs 0 < target_r <= init_r, got target_r={target_r}, init_r={init_r}")
+        self.save_hyperparameters()
+        self.init_r, self.target_r, self.alpha, self.dropout = init_r, target_r, alpha, dropout
+        self.tinit, self.tfinal, self.delta_t = tinit, tfinal, delta_t
+        self.beta1, self.beta2, self.orth_reg_weight = beta1, beta2, orth_reg_weight
+        self.total_step = total_step
+        self._last_step = -1
+
+    def apply(self, task, trainer: Optional[Trainer]) -> None:
+        if self.total_step is None:
+            if trainer is None or trainer.state.fn != "fit":
+                self.total_step = max(self.tinit + self.tfinal + 1, 1)  # schedule unused outside fit
+            else:
+                self.total_step = int(trainer.estimated_stepping_batches)
+        if self.tinit + self.tfinal >= self.total_step:
+            raise ConfigError(
+                f"AdaLoRA's tinit ({self.tinit}) + tfinal ({self.tfinal}) must be below the number of "
+                f"training steps ({self.total_step}); lower them or train longer"
+            )
+        super().apply(task, trainer)
+
+    def peft_config(self, task, target_modules: Optional[list[str]]) -> Any:
+        from peft import AdaLoraConfig
+
+        return AdaLoraConfig(init_r=self.init_r, target_r=self.target_r, lora_alpha=self.alpha,
+                             lora_dropout=self.dropout, target_modules=target_modules, tinit=self.tinit,
+                             tfinal=self.tfinal, deltaT=self.delta_t, beta1=self.beta1, beta2=self.beta2,
+                             orth_reg_weight=self.orth_reg_weight, total_step=self.total_step)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        # after optimizer.step() and before the next zero_grad(): the gradients are still there
+        if trainer.global_step != self._last_step:
+            self._last_step = trainer.global_step
+            pl_module.backbone.base_model.update_and_allocate(trainer.global_step)
+
+    def regularization(self, task) -> Optional[torch.Tensor]:
+        """Mean Frobenius distance of P^T P and Q Q^T from the identity, times ``orth_reg_weight``."""
+        terms = []
+        for name, p in task.backbone.named_parameters():
+            if p.requires_grad and ("lora_A" in name or "lora_B" in name):
+                cov = p @ p.T if "lora_A" in name else p.T @ p
+                terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], device=p.device, dtype=p.dtype)))
+        return self.orth_reg_weight * torch.stack(terms).mean() if terms else None
+
+    # ---- checkpointed state: the allocator's importance estimates and the rank pattern -------
+    def state_dict(self) -> dict[str, Any]:
+        if self.task is None:
+            return {}
+        model = self.task.backbone
+        alloc = model.base_model.rankallocator
+        return {"total_step": self.total_step, "last_step": self._last_step, "ipt": alloc.ipt,
+                "exp_avg_ipt": alloc.exp_avg_ipt, "exp_avg_unc": alloc.exp_avg_unc,
+                "rank_pattern": model.peft_config["default"].rank_pattern}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores callback state after setup(), so the adapter is already in place
+        if not state_dict or self.task is None:
+            return
+        model = self.task.backbone
+        alloc = model.base_model.rankallocator
+        alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc = state_dict["ipt"], state_dict["exp_avg_ipt"], state_dict["exp_avg_unc"]
+        model.peft_config["default"].rank_pattern = state_dict["rank_pattern"]
+        self._last_step = state_dict["last_step"]

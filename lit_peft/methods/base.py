@@ -1,0 +1,116 @@
+"""The method contract: a Callback that rewrites a task's backbone once, before training.
+
+A method says what it changes (``apply``), which parameters train and in which optimizer groups
+(``param_groups``), what state of its own a checkpoint carries (``state_dict``), and how its
+trained state folds into plain weights (``merge``) or leaves as a PEFT adapter (``export``).
+The task finds it as ``task.method``; checkpoints record its class and init arguments so
+``lit-peft merge`` and ``lit-peft export`` can rebuild it.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.core.mixins import HyperparametersMixin
+from torch import nn
+
+from lit_peft.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lit_peft.tasks.base import PeftTask
+
+#: parameter names that get no weight decay (biases and normalisation weights)
+NO_DECAY = ("bias", "LayerNorm.weight", "layernorm.weight", "layer_norm.weight", "norm.weight")
+
+
+def default_param_groups(module: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable weights with weight decay; biases and normalisation weights without."""
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            (no_decay if name.endswith(NO_DECAY) else decay).append(param)
+    groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+class Method(Callback, HyperparametersMixin, abc.ABC):
+    """Base of every fine-tuning method. Subclasses implement ``apply`` and call
+    ``self.save_hyperparameters()`` in ``__init__`` so checkpoints can rebuild them."""
+
+    #: short name used in summaries and file names
+    name = "method"
+    #: whether ``merge`` can fold the trained state into plain backbone weights, and if not, why
+    mergeable = True
+    merge_note = ""
+    #: whether ``export`` can save the trained state as a PEFT adapter
+    exportable = False
+
+    #: the task this method was applied to (set by ``attach``)
+    task: Optional["PeftTask"] = None
+
+    # ---- applying -------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.attach(pl_module, trainer)
+
+    def attach(self, task: "PeftTask", trainer: Optional[Trainer] = None) -> None:
+        """Apply this method to ``task`` once; a second call (validate after fit, resume) is a no-op."""
+        if getattr(task, "method", None) is self:
+            return
+        if getattr(task, "method", None) is not None:
+            raise ConfigError(
+                f"the model already has method '{task.method.name}' applied; give one method per run "
+                f"(found '{self.name}' as well)"
+            )
+        task.configure_backbone(**self.backbone_kwargs())
+        self.apply(task, trainer)
+        task.method = self
+        self.task = task
+        task.check_trainable()
+
+    def backbone_kwargs(self) -> dict[str, Any]:
+        """Extra ``from_pretrained`` arguments the method needs when the backbone loads (quantization)."""
+        return {}
+
+    @abc.abstractmethod
+    def apply(self, task: "PeftTask", trainer: Optional[Trainer]) -> None:
+        """Rewrite ``task.backbone`` in place and set ``requires_grad`` on what trains."""
+
+    # ---- training -------------------------------------------------------------------------
+    def param_groups(self, task: "PeftTask", lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups over what trains."""
+        return default_param_groups(task, lr, weight_decay)
+
+    def build_optimizer(self, groups: list[dict[str, Any]]) -> Optional[torch.optim.Optimizer]:
+        """An optimizer of the method's own (GaLore's); ``None`` lets the task use AdamW."""
+        return None
+
+    def regularization(self, task: "PeftTask") -> Optional[torch.Tensor]:
+        """An extra loss term the method adds to the task's loss (AdaLoRA's orthogonality)."""
+        return None
+
+    def checkpoint_keys(self, task: "PeftTask") -> set[str]:
+        """State-dict keys a checkpoint keeps: what trains, plus buffers the method changed."""
+        return {name for name, p in task.named_parameters() if p.requires_grad}
+
+    # ---- merging and exporting -------------------------------------------------------------
+    def merge(self, task: "PeftTask") -> nn.Module:
+        """Return a plain transformers model with the trained state folded into its weights."""
+        return task.backbone
+
+    def export(self, task: "PeftTask", output_dir: Path) -> None:
+        """Save the trained state as a PEFT adapter folder."""
+        raise ConfigError(
+            f"method '{self.name}' trains ordinary weights, not an adapter, so there is nothing to export "
+            "in PEFT's format; use `lit-peft merge` to save the fine-tuned model"
+        )
+
+    # ---- description ----------------------------------------------------------------------
+    def spec(self) -> dict[str, Any]:
+        """Class path and init arguments: enough to build this method again."""
+        cls = type(self)
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(self.hparams)}

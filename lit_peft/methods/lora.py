@@ -1,0 +1,168 @@
+"""LoRA and the variants that differ only in scaling or initialization, all through peft.
+
+- ``LoRA`` (Hu et al. 2021, arXiv 2106.09685): W + (alpha/r) B A with A, B of rank r; B starts at 0.
+- ``DoRA`` (Liu et al. 2024, arXiv 2402.09353): splits W into magnitude and direction and adapts the
+  direction with LoRA; the magnitude vector trains too.
+- ``RsLoRA`` (Kalajdzievski 2023, arXiv 2312.03732): scales by alpha/sqrt(r) so higher ranks learn.
+- ``PiSSA`` (Meng et al. 2024, arXiv 2404.02948): A, B start from the top-r singular vectors of W and
+  the residual stays frozen.
+- ``OLoRA`` (Büyükakyüz 2024, arXiv 2406.01775): A, B start from a QR decomposition of W.
+- ``EVA`` (Paischer et al. 2024, arXiv 2410.07170): A starts from the right singular vectors of the
+  layer's input activations on the first training batches; ranks are redistributed by explained
+  variance (``rho``).
+
+PiSSA and OLoRA change the frozen base weights, so their adapters are exported converted to plain
+LoRA against the original weights (peft's ``path_initial_model_for_weight_conversion``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from lightning.pytorch import Trainer
+
+from lit_peft.errors import ConfigError
+from lit_peft.methods.peft_adapter import PeftAdapter
+from lit_peft.methods.targets import Targets
+
+
+class LoRA(PeftAdapter):
+    """Low-rank adapters on the ``targets`` modules."""
+
+    name = "lora"
+    #: peft's ``init_lora_weights`` value
+    init: Union[bool, str] = True
+
+    def __init__(self, r: int = 8, alpha: float = 16, dropout: float = 0.1, targets: Targets = "qv",
+                 bias: str = "none", use_dora: bool = False, use_rslora: bool = False) -> None:
+        super().__init__(targets=targets)
+        if r <= 0:
+            raise ConfigError(f"LoRA rank r must be a positive integer, got {r}")
+        self.save_hyperparameters()
+        self.r, self.alpha, self.dropout, self.bias = r, alpha, dropout, bias
+        self.use_dora, self.use_rslora = use_dora, use_rslora
+
+    def lora_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def peft_config(self, task, target_modules: Optional[list[str]]) -> Any:
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=target_modules,
+                          bias=self.bias, use_dora=self.use_dora, use_rslora=self.use_rslora,
+                          init_lora_weights=self.init, **self.lora_kwargs())
+
+
+class DoRA(LoRA):
+    """Weight-decomposed LoRA: a trained magnitude vector and a LoRA-adapted direction."""
+
+    name = "dora"
+
+    def __init__(self, r: int = 8, alpha: float = 16, dropout: float = 0.1, targets: Targets = "qv",
+                 bias: str = "none", use_rslora: bool = False) -> None:
+        super().__init__(r=r, alpha=alpha, dropout=dropout, targets=targets, bias=bias, use_dora=True,
+                         use_rslora=use_rslora)
+        self.save_hyperparameters()
+
+
+class RsLoRA(LoRA):
+    """Rank-stabilized LoRA: scaling alpha/sqrt(r)."""
+
+    name = "rslora"
+
+    def __init__(self, r: int = 8, alpha: float = 16, dropout: float = 0.1, targets: Targets = "qv",
+                 bias: str = "none", use_dora: bool = False) -> None:
+        super().__init__(r=r, alpha=alpha, dropout=dropout, targets=targets, bias=bias, use_dora=use_dora,
+                         use_rslora=True)
+        self.save_hyperparameters()
+
+
+class _ConvertedOnExport(LoRA):
+    """A LoRA variant whose initialization rewrites the frozen base weights.
+
+    Its adapter only makes sense on the rewritten base, so ``export`` rebuilds the initial adapter
+    (the initialization is deterministic) and lets peft convert the trained one to a plain LoRA of
+    rank 2r that loads on the original weights.
+    """
+
+    def export(self, task, output_dir: Path) -> None:
+        initial = task.fresh_copy()
+        with tempfile.TemporaryDirectory() as tmp:
+            initial.backbone.peft_config["default"].init_lora_weights = True
+            initial.backbone.save_pretrained(tmp)
+            task.backbone.save_pretrained(str(output_dir), path_initial_model_for_weight_conversion=tmp)
+
+
+class PiSSA(_ConvertedOnExport):
+    """LoRA initialized from the principal singular vectors of each target weight."""
+
+    name = "pissa"
+    init = "pissa"
+
+    def __init__(self, r: int = 8, alpha: float = 8, dropout: float = 0.0, targets: Targets = "qv",
+                 bias: str = "none") -> None:
+        super().__init__(r=r, alpha=alpha, dropout=dropout, targets=targets, bias=bias)
+        self.save_hyperparameters()
+
+
+class OLoRA(_ConvertedOnExport):
+    """LoRA initialized from a QR decomposition of each target weight."""
+
+    name = "olora"
+    init = "olora"
+
+    def __init__(self, r: int = 8, alpha: float = 16, dropout: float = 0.0, targets: Targets = "qv",
+                 bias: str = "none") -> None:
+        super().__init__(r=r, alpha=alpha, dropout=dropout, targets=targets, bias=bias)
+        self.save_hyperparameters()
+
+
+class _Unlabelled:
+    """Re-iterable view of a dataloader without per-sequence class labels (EVA forwards inputs only)."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield {k: v for k, v in batch.items() if not (k == "labels" and v.dim() == 1)}
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+class EVA(LoRA):
+    """LoRA with A initialized from the SVD of input activations on the first training batches."""
+
+    name = "eva"
+    init = "eva"
+
+    def __init__(self, r: int = 8, alpha: float = 16, dropout: float = 0.1, targets: Targets = "qv",
+                 rho: float = 2.0, tau: float = 0.99, whiten: bool = False) -> None:
+        super().__init__(r=r, alpha=alpha, dropout=dropout, targets=targets)
+        if rho < 1.0:
+            raise ConfigError(f"EVA's rho must be >= 1 (1 keeps every layer at rank r), got {rho}")
+        self.save_hyperparameters()
+        self.rho, self.tau, self.whiten = rho, tau, whiten
+
+    def lora_kwargs(self) -> dict[str, Any]:
+        from peft import EvaConfig
+
+        return {"eva_config": EvaConfig(rho=self.rho, tau=self.tau, whiten=self.whiten)}
+
+    def initialize(self, task, trainer: Optional[Trainer]) -> None:
+        from peft import initialize_lora_eva_weights
+
+        if trainer is None or trainer.ckpt_path is not None or trainer.datamodule is None:
+            return  # rebuilt for merge/export or resumed: the trained weights come from the checkpoint
+        loader = trainer.datamodule.train_dataloader()
+        device = trainer.strategy.root_device
+        backbone = task.backbone.to(device)
+
+        def forward(model, inputs):
+            return model(**{k: v.to(device) for k, v in inputs.items()})
+
+        initialize_lora_eva_weights(backbone, dataloader=_Unlabelled(loader), forward_fn=forward,
+                                    show_progress_bar=False)

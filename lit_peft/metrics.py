@@ -1,0 +1,162 @@
+"""Efficiency figures for every run, and the run's ``summary.json``.
+
+``EfficiencyReport`` is on by default (the CLI adds it): trainable and total parameters, training
+wall time, training samples per second (validation time excluded), peak memory (CUDA max allocated
+on a GPU, the process's peak resident set on a CPU), checkpoint and adapter size. At the end of fit
+and of test it logs them and writes them, with every final metric by its logged name, to
+``summary.json`` in the run folder (the logger's folder). Lightning has no callback that reports
+these together, so this one is written here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit packed weights count as their unpacked size."""
+    trainable = total = 0
+    for p in module.parameters():
+        n = p.numel() * (2 if getattr(p, "quant_state", None) is not None else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA max allocated on a GPU; the process's peak resident set size on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+def run_dir(trainer: Trainer) -> Path:
+    """The run folder: the logger's versioned folder, else the trainer's root folder."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+class EfficiencyReport(Callback):
+    """Measure a run's cost and write ``summary.json`` (see the module docstring)."""
+
+    def __init__(self, enabled: bool = True, filename: str = "summary.json") -> None:
+        self.enabled = enabled
+        self.filename = filename
+        self.samples = 0
+        self.train_seconds = 0.0  # time inside training epochs, validation excluded
+        self.fit_seconds = 0.0
+        self._t_fit = self._t_epoch = self._t_val = 0.0
+        self._val_in_epoch = 0.0
+
+    # ---- timing -------------------------------------------------------------------------
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
+        self._t_fit = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._t_epoch, self._val_in_epoch = time.perf_counter(), 0.0
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        if isinstance(batch, Mapping):
+            first = next(iter(batch.values()))
+            self.samples += len(first)
+        elif isinstance(batch, (list, tuple)) and batch:
+            self.samples += len(batch[0])
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._t_val = time.perf_counter()
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "fit" and self._t_epoch:
+            self._val_in_epoch += time.perf_counter() - self._t_val
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.train_seconds += time.perf_counter() - self._t_epoch - self._val_in_epoch
+        self._t_epoch = 0.0
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._t_epoch:  # stopped mid-epoch (max_steps)
+            self.on_train_epoch_end(trainer, pl_module)
+        self.fit_seconds = time.perf_counter() - self._t_fit
+        self.report(trainer, pl_module, "fit")
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.report(trainer, pl_module, "test")
+
+    # ---- the figures ----------------------------------------------------------------------
+    def figures(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        trainable, total = count_parameters(pl_module)
+        method = getattr(pl_module, "method", None)
+        trained = [p for p in pl_module.parameters() if p.requires_grad]
+        figures: dict[str, Any] = {
+            "method": getattr(pl_module, "method_name", type(method).__name__ if method else "none"),
+            "task": getattr(pl_module, "task_name", type(pl_module).__name__),
+            "data": type(trainer.datamodule).__name__ if trainer.datamodule is not None else None,
+            "backbone": getattr(pl_module, "backbone_name", None),
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_pct": round(100.0 * trainable / max(total, 1), 4),
+            "peak_memory_mb": round(peak_memory_mb(trainer.strategy.root_device), 1),
+            "adapter_mb": round(tensor_bytes(trained) / 2**20, 3),
+            "checkpoint_mb": self.checkpoint_mb(trainer),
+            "device": trainer.strategy.root_device.type,
+            "precision": str(trainer.precision),
+        }
+        if self.fit_seconds:
+            figures.update(train_time_s=round(self.fit_seconds, 2),
+                           samples_per_s=round(self.samples / self.train_seconds, 2) if self.train_seconds else None)
+        return figures
+
+    @staticmethod
+    def checkpoint_mb(trainer: Trainer) -> Optional[float]:
+        ckpt = trainer.checkpoint_callback
+        path = getattr(ckpt, "best_model_path", "") or getattr(ckpt, "last_model_path", "") if ckpt else ""
+        return round(os.path.getsize(path) / 2**20, 3) if path and os.path.isfile(path) else None
+
+    def report(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not self.enabled or trainer.sanity_checking:
+            return
+        figures = self.figures(trainer, pl_module)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({k: v for k, v in figures.items() if isinstance(v, (int, float))},
+                                       step=trainer.global_step)
+        if not trainer.is_global_zero:
+            return
+        path = run_dir(trainer) / self.filename
+        summary = json.loads(path.read_text()) if path.exists() else {}
+        summary.update(figures)
+        summary.update(metrics)
+        summary.setdefault("stages", [])
+        summary["stages"] = sorted(set(summary["stages"]) | {stage})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        print(format_summary(summary, path))
+
+
+def format_summary(summary: dict[str, Any], path: Path) -> str:
+    keys = [k for k in ("val_acc", "test_acc", "val_loss", "test_loss") if k in summary]
+    parts = [f"{k}={summary[k]:.4f}" for k in keys]
+    parts.append(f"trainable={summary['trainable_params']:,} ({summary['trainable_pct']:.2f}%)")
+    if summary.get("train_time_s") is not None:
+        parts.append(f"time={summary['train_time_s']:.1f}s")
+    if summary.get("samples_per_s"):
+        parts.append(f"samples/s={summary['samples_per_s']:.1f}")
+    parts.append(f"peak_mem={summary['peak_memory_mb']:.0f}MB")
+    return f"[lit-peft] {summary['method']} on {summary.get('data') or summary['task']}: " + " ".join(parts) + f"\n[lit-peft] summary: {path}"

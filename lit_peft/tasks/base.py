@@ -1,0 +1,186 @@
+"""The small base every task shares: a pretrained backbone, the method applied to it, the
+optimizer built from the method's parameter groups, and checkpoints that hold only what trained.
+
+A subclass says how the backbone loads (``load_backbone``), which top-level modules are its head
+(``head_modules``) and how a batch becomes a loss (``step``).
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import random
+from types import SimpleNamespace
+from typing import Any, Literal, Optional
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from lit_peft import backbones
+from lit_peft.errors import ConfigError
+from lit_peft.methods.base import Method, default_param_groups
+
+#: attribute names of classification / regression heads in transformers models
+HEAD_NAMES = ("classifier", "score", "pre_classifier", "qa_outputs")
+
+
+def build(spec: dict[str, Any]) -> Any:
+    """Instantiate ``{"class_path": ..., "init_args": {...}}``."""
+    module_name, _, name = spec["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), name)
+    return cls(**spec.get("init_args", {}))
+
+
+class PeftTask(LightningModule, abc.ABC):
+    """Base of every task: owns ``backbone``, ``tokenizer`` and the optimizer."""
+
+    #: a short name for summaries
+    task_name = "task"
+    #: peft's ``TaskType`` value for adapters on this task
+    peft_task_type: Optional[str] = None
+
+    def __init__(
+        self,
+        backbone: str = "minilm",
+        dtype: str = "float32",
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.01,
+        lr_schedule: Literal["linear", "cosine", "constant"] = "linear",
+        warmup_ratio: float = 0.06,
+    ) -> None:
+        """
+        Args:
+            backbone: hub id, local folder, or a packaged alias (``minilm``).
+            dtype: weights' dtype when loaded: float32, bfloat16 or float16.
+            learning_rate: peak learning rate (methods may scale it per parameter group).
+            weight_decay: AdamW weight decay, not applied to biases and norms.
+            lr_schedule: shape of the schedule after warm-up.
+            warmup_ratio: fraction of the training steps spent warming up linearly from 0.
+        """
+        super().__init__()
+        self.save_hyperparameters()  # what rebuilds this task (its class's own arguments under LightningCLI)
+        backbones.torch_dtype(dtype)  # fail early on a typo
+        self.backbone_name, self.backbone_dtype = backbone, dtype
+        self.optim = SimpleNamespace(lr=learning_rate, weight_decay=weight_decay, schedule=lr_schedule,
+                                     warmup_ratio=warmup_ratio)
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        self.backbone: Optional[nn.Module] = None
+        self.method: Optional[Method] = None
+        self.tokenizer = backbones.load_tokenizer(backbone)
+        self.strict_loading = False  # checkpoints hold only what trained; on_load_checkpoint checks the rest
+
+    # ---- the backbone ------------------------------------------------------------------------
+    @property
+    def backbone_source(self) -> str:
+        """The folder or hub id the backbone loads from."""
+        return backbones.resolve(self.backbone_name)
+
+    @abc.abstractmethod
+    def load_backbone(self, **kwargs: Any) -> nn.Module:
+        """Load the pretrained model; ``kwargs`` go to ``from_pretrained``."""
+
+    def configure_backbone(self, **kwargs: Any) -> nn.Module:
+        """Load the backbone once; methods pass loading options (quantization) before it exists."""
+        if self.backbone is None:
+            # from_pretrained returns eval mode, and Lightning keeps modules' modes: dropout must be on
+            self.backbone = self.load_backbone(**kwargs).train()
+        elif kwargs:
+            raise ConfigError("the backbone is already loaded, so the method's loading options cannot apply")
+        return self.backbone
+
+    def configure_model(self) -> None:
+        self.configure_backbone()
+
+    def head_modules(self) -> list[str]:
+        """Top-level modules of the backbone that form the task head; they always train."""
+        model = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
+        return [name for name, _ in model.named_children() if name in HEAD_NAMES]
+
+    def check_trainable(self) -> None:
+        if not any(p.requires_grad for p in self.parameters()):
+            raise ConfigError(f"method '{self.method_name}' left no parameter to train")
+
+    @property
+    def method_name(self) -> str:
+        return self.method.name if self.method is not None else "full"
+
+    def fresh_copy(self) -> "PeftTask":
+        """A new task from the same arguments with a new instance of the same method applied."""
+        task = build(self.spec())
+        if self.method is not None:
+            build(self.method.spec()).attach(task)
+        else:
+            task.configure_backbone()
+        return task
+
+    def spec(self) -> dict[str, Any]:
+        cls = type(self)
+        init_args = {k: v for k, v in self.hparams.items() if not k.startswith("_")}
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+
+    # ---- training ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        """Loss of one batch; logs the stage's metrics."""
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.step(batch, "train")
+        extra = self.method.regularization(self) if self.method is not None else None
+        if extra is not None:
+            self.log("train_regularization", extra, on_step=True, on_epoch=True)
+            loss = loss + extra
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.step(batch, "test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        from transformers import get_scheduler
+
+        lr, wd = self.optim.lr, self.optim.weight_decay
+        groups = self.method.param_groups(self, lr, wd) if self.method is not None else default_param_groups(self, lr, wd)
+        optimizer = (self.method.build_optimizer(groups) if self.method is not None else None) or torch.optim.AdamW(groups, lr=lr)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        schedule = "constant_with_warmup" if self.optim.schedule == "constant" else self.optim.schedule
+        scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=int(self.optim.warmup_ratio * total),
+                                  num_training_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints: only what trained, plus what rebuilds the run ---------------------------
+    def trained_keys(self) -> set[str]:
+        if self.method is not None:
+            return self.method.checkpoint_keys(self)
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keys = self.trained_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+        checkpoint["lit_peft"] = {
+            "task": self.spec(),
+            "method": self.method.spec() if self.method is not None else None,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()]},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved, expected = set(checkpoint["state_dict"]), self.trained_keys()
+        missing, unexpected = sorted(expected - saved), sorted(saved - set(self.state_dict()))
+        if missing or unexpected:
+            problem = f"lacks {len(missing)} trained weights (first: {missing[0]})" if missing else \
+                f"holds {len(unexpected)} weights this model does not have (first: {unexpected[0]})"
+            raise ConfigError(
+                f"the checkpoint {problem}: it was saved with another method or backbone. "
+                f"Resume with the config it was trained with (method '{self.method_name}' now)"
+            )
+        rng = checkpoint.get("lit_peft", {}).get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            kind, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))

@@ -1,0 +1,85 @@
+"""Sequence classification: a transformers ``AutoModelForSequenceClassification`` backbone,
+cross-entropy loss, accuracy and F1 (torchmetrics) per stage, class predictions from ``predict``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+
+from lit_peft import backbones
+from lit_peft.errors import ConfigError
+from lit_peft.tasks.base import PeftTask
+
+
+class SequenceClassification(PeftTask):
+    """Classify a text (or a text pair) into ``num_labels`` classes."""
+
+    task_name = "classification"
+    peft_task_type = "SEQ_CLS"
+
+    def __init__(
+        self,
+        backbone: str = "minilm",
+        num_labels: int = 2,
+        dtype: str = "float32",
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.01,
+        lr_schedule: Literal["linear", "cosine", "constant"] = "linear",
+        warmup_ratio: float = 0.06,
+    ) -> None:
+        """
+        Args:
+            num_labels: number of classes; labels in the data must lie in [0, num_labels).
+        """
+        super().__init__(backbone=backbone, dtype=dtype, learning_rate=learning_rate, weight_decay=weight_decay,
+                         lr_schedule=lr_schedule, warmup_ratio=warmup_ratio)
+        if num_labels < 2:
+            raise ConfigError(f"num_labels must be at least 2, got {num_labels}")
+        self.num_labels = num_labels
+        task = "binary" if num_labels == 2 else "multiclass"
+        metrics = lambda: torchmetrics.MetricCollection({  # noqa: E731
+            "acc": torchmetrics.Accuracy(task=task, num_classes=num_labels),
+            "f1": torchmetrics.F1Score(task=task, num_classes=num_labels, average="macro"),
+        })
+        self.train_metrics, self.val_metrics, self.test_metrics = metrics(), metrics(), metrics()
+
+    def load_backbone(self, **kwargs: Any) -> nn.Module:
+        from transformers import AutoModelForSequenceClassification
+
+        model = backbones.load_model(self.backbone_name, AutoModelForSequenceClassification, dtype=self.backbone_dtype, num_labels=self.num_labels, **kwargs)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+        return model
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "check_labels"):
+            datamodule.check_labels(self.num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+        """Class logits."""
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **inputs).logits
+
+    def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in batch.items() if k != "labels"}
+
+    def step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        logits = self(**self._inputs(batch))
+        loss = F.cross_entropy(logits.float(), batch["labels"])
+        preds = logits.argmax(dim=-1)
+        metrics = getattr(self, f"{stage}_metrics")
+        metrics.update(preds, batch["labels"])
+        size = batch["labels"].shape[0]
+        self.log(f"{stage}_loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=size)
+        self.log_dict({f"{stage}_{k}": v for k, v in metrics.items()}, on_step=False, on_epoch=True,
+                      prog_bar=stage != "train", batch_size=size)
+        return loss
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        probs = self(**self._inputs(batch)).float().softmax(dim=-1)
+        return {"pred": probs.argmax(dim=-1).tolist(), "probs": probs.tolist()}
