@@ -32,7 +32,6 @@ class AdaLoRA(PeftAdapter):
         super().__init__(targets=targets)
         if not 0 < target_r <= init_r:
             raise ConfigError(f"AdaLoRA needs 0 < target_r <= init_r, got target_r={target_r}, init_r={init_r}")
-        self.save_hyperparameters()
         self.init_r, self.target_r, self.alpha, self.dropout = init_r, target_r, alpha, dropout
         self.tinit, self.tfinal, self.delta_t = tinit, tfinal, delta_t
         self.beta1, self.beta2, self.orth_reg_weight = beta1, beta2, orth_reg_weight
@@ -40,17 +39,21 @@ class AdaLoRA(PeftAdapter):
         self._last_step = -1
 
     def apply(self, task, trainer: Optional[Trainer]) -> None:
-        if self.total_step is None:
-            if trainer is None or trainer.state.fn != "fit":
-                self.total_step = max(self.tinit + self.tfinal + 1, 1)  # schedule unused outside fit
-            else:
-                self.total_step = int(trainer.estimated_stepping_batches)
-        if self.tinit + self.tfinal >= self.total_step:
+        # peft needs a length now; the real one is set in on_train_start (asking the trainer for it
+        # during setup would build the training dataloader before a resumed run restores its position)
+        self._config_total = self.total_step or self.tinit + self.tfinal + 1
+        super().apply(task, trainer)
+
+    def on_train_start(self, trainer: Trainer, pl_module) -> None:
+        total = self.total_step or int(trainer.estimated_stepping_batches)
+        if self.tinit + self.tfinal >= total:
             raise ConfigError(
                 f"AdaLoRA's tinit ({self.tinit}) + tfinal ({self.tfinal}) must be below the number of "
-                f"training steps ({self.total_step}); lower them or train longer"
+                f"training steps ({total}); lower them or train longer"
             )
-        super().apply(task, trainer)
+        model = pl_module.backbone
+        model.peft_config["default"].total_step = total
+        model.base_model.rankallocator.set_total_step(total)
 
     def peft_config(self, task, target_modules: Optional[list[str]]) -> Any:
         from peft import AdaLoraConfig
@@ -58,7 +61,7 @@ class AdaLoRA(PeftAdapter):
         return AdaLoraConfig(init_r=self.init_r, target_r=self.target_r, lora_alpha=self.alpha,
                              lora_dropout=self.dropout, target_modules=target_modules, tinit=self.tinit,
                              tfinal=self.tfinal, deltaT=self.delta_t, beta1=self.beta1, beta2=self.beta2,
-                             orth_reg_weight=self.orth_reg_weight, total_step=self.total_step)
+                             orth_reg_weight=self.orth_reg_weight, total_step=self._config_total)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         # after optimizer.step() and before the next zero_grad(): the gradients are still there
@@ -81,7 +84,7 @@ class AdaLoRA(PeftAdapter):
             return {}
         model = self.task.backbone
         alloc = model.base_model.rankallocator
-        return {"total_step": self.total_step, "last_step": self._last_step, "ipt": alloc.ipt,
+        return {"last_step": self._last_step, "ipt": alloc.ipt,
                 "exp_avg_ipt": alloc.exp_avg_ipt, "exp_avg_unc": alloc.exp_avg_unc,
                 "rank_pattern": model.peft_config["default"].rank_pattern}
 

@@ -10,12 +10,12 @@ The task finds it as ``task.method``; checkpoints record its class and init argu
 from __future__ import annotations
 
 import abc
+import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.core.mixins import HyperparametersMixin
 from torch import nn
 
 from lit_peft.errors import ConfigError
@@ -38,9 +38,10 @@ def default_param_groups(module: nn.Module, lr: float, weight_decay: float) -> l
     return [g for g in groups if g["params"]]
 
 
-class Method(Callback, HyperparametersMixin, abc.ABC):
-    """Base of every fine-tuning method. Subclasses implement ``apply`` and call
-    ``self.save_hyperparameters()`` in ``__init__`` so checkpoints can rebuild them."""
+class Method(Callback, abc.ABC):
+    """Base of every fine-tuning method. Subclasses implement ``apply`` and keep each ``__init__``
+    argument as an attribute of the same name (as scikit-learn estimators do), so ``spec`` can
+    record them and a checkpoint can rebuild the method."""
 
     #: short name used in summaries and file names
     name = "method"
@@ -113,4 +114,9 @@ class Method(Callback, HyperparametersMixin, abc.ABC):
     def spec(self) -> dict[str, Any]:
         """Class path and init arguments: enough to build this method again."""
         cls = type(self)
-        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(self.hparams)}
+        params = [p for p in inspect.signature(cls.__init__).parameters.values()
+                  if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        missing = [p.name for p in params if not hasattr(self, p.name)]
+        if missing:
+            raise TypeError(f"{cls.__name__} must keep its init arguments as attributes; missing: {missing}")
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {p.name: getattr(self, p.name) for p in params}}

@@ -56,7 +56,6 @@ class FullFineTune(Method):
 
     def __init__(self) -> None:
         super().__init__()
-        self.save_hyperparameters()
 
     def apply(self, task, trainer: Optional[Trainer]) -> None:
         unfreeze(task.backbone)
@@ -71,7 +70,6 @@ class PartialFineTune(Method):
         super().__init__()
         if last_n_blocks < 0:
             raise ConfigError(f"last_n_blocks must be >= 0, got {last_n_blocks}")
-        self.save_hyperparameters()
         self.last_n_blocks = last_n_blocks
         self.modules = list(modules or [])
 
@@ -96,4 +94,3 @@ class LinearProbe(PartialFineTune):
 
     def __init__(self) -> None:
         super().__init__(last_n_blocks=0)
-        self.save_hyperparameters()

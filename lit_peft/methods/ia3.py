@@ -18,7 +18,6 @@ class IA3(PeftAdapter):
 
     def __init__(self, targets: Optional[Targets] = None, feedforward_modules: Optional[list[str]] = None) -> None:
         super().__init__(targets=targets)
-        self.save_hyperparameters()
         self.feedforward_modules = feedforward_modules
 
     def peft_config(self, task, target_modules: Optional[list[str]]) -> Any:

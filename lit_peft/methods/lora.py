@@ -40,7 +40,6 @@ class LoRA(PeftAdapter):
         super().__init__(targets=targets)
         if r <= 0:
             raise ConfigError(f"LoRA rank r must be a positive integer, got {r}")
-        self.save_hyperparameters()
         self.r, self.alpha, self.dropout, self.bias = r, alpha, dropout, bias
         self.use_dora, self.use_rslora = use_dora, use_rslora
 
@@ -64,7 +63,6 @@ class DoRA(LoRA):
                  bias: str = "none", use_rslora: bool = False) -> None:
         super().__init__(r=r, alpha=alpha, dropout=dropout, targets=targets, bias=bias, use_dora=True,
                          use_rslora=use_rslora)
-        self.save_hyperparameters()
 
 
 class RsLoRA(LoRA):
@@ -76,7 +74,6 @@ class RsLoRA(LoRA):
                  bias: str = "none", use_dora: bool = False) -> None:
         super().__init__(r=r, alpha=alpha, dropout=dropout, targets=targets, bias=bias, use_dora=use_dora,
                          use_rslora=True)
-        self.save_hyperparameters()
 
 
 class _ConvertedOnExport(LoRA):
@@ -88,11 +85,21 @@ class _ConvertedOnExport(LoRA):
     """
 
     def export(self, task, output_dir: Path) -> None:
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import load_file, save_file
+
         initial = task.fresh_copy()
         with tempfile.TemporaryDirectory() as tmp:
             initial.backbone.peft_config["default"].init_lora_weights = True
             initial.backbone.save_pretrained(tmp)
             task.backbone.save_pretrained(str(output_dir), path_initial_model_for_weight_conversion=tmp)
+        # peft's conversion keeps only the LoRA matrices; the trained head (modules_to_save) goes back in
+        path = output_dir / "adapter_model.safetensors"
+        saved = load_file(str(path))
+        extra = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(task.backbone).items()
+                 if "lora_" not in k and k not in saved}
+        if extra:
+            save_file({**saved, **extra}, str(path), metadata={"format": "pt"})
 
 
 class PiSSA(_ConvertedOnExport):
@@ -104,7 +111,6 @@ class PiSSA(_ConvertedOnExport):
     def __init__(self, r: int = 8, alpha: float = 8, dropout: float = 0.0, targets: Targets = "qv",
                  bias: str = "none") -> None:
         super().__init__(r=r, alpha=alpha, dropout=dropout, targets=targets, bias=bias)
-        self.save_hyperparameters()
 
 
 class OLoRA(_ConvertedOnExport):
@@ -116,7 +122,6 @@ class OLoRA(_ConvertedOnExport):
     def __init__(self, r: int = 8, alpha: float = 16, dropout: float = 0.0, targets: Targets = "qv",
                  bias: str = "none") -> None:
         super().__init__(r=r, alpha=alpha, dropout=dropout, targets=targets, bias=bias)
-        self.save_hyperparameters()
 
 
 class _Unlabelled:
@@ -144,7 +149,6 @@ class EVA(LoRA):
         super().__init__(r=r, alpha=alpha, dropout=dropout, targets=targets)
         if rho < 1.0:
             raise ConfigError(f"EVA's rho must be >= 1 (1 keeps every layer at rank r), got {rho}")
-        self.save_hyperparameters()
         self.rho, self.tau, self.whiten = rho, tau, whiten
 
     def lora_kwargs(self) -> dict[str, Any]:

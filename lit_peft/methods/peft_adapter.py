@@ -45,8 +45,7 @@ class PeftAdapter(Method, abc.ABC):
         from peft import get_peft_model
 
         heads = task.head_modules()
-        targets = None if self.targets is None else resolve_targets(task.backbone, self.targets, exclude=tuple(heads))
-        config = self.peft_config(task, targets)
+        config = self.peft_config(task, self.target_modules(task, heads))
         config.task_type = task.peft_task_type
         config.modules_to_save = sorted(set(config.modules_to_save or []) | set(heads)) or None
         config.base_model_name_or_path = task.backbone_source
@@ -55,6 +54,10 @@ class PeftAdapter(Method, abc.ABC):
         except (ValueError, TypeError) as err:
             raise ConfigError(f"peft could not apply {type(config).__name__} to the backbone: {err}") from err
         self.initialize(task, trainer)
+
+    def target_modules(self, task, heads: list[str]) -> Optional[list[str]]:
+        """``targets`` resolved on this backbone (``None``: peft's per-architecture default)."""
+        return None if self.targets is None else resolve_targets(task.backbone, self.targets, exclude=tuple(heads))
 
     def initialize(self, task, trainer: Optional[Trainer]) -> None:
         """Data-driven initialization after wrapping (EVA); nothing by default."""
@@ -84,13 +87,15 @@ class PeftMethod(PeftAdapter):
 
     def __init__(self, config_class: str = "peft.LoraConfig", config: Optional[dict[str, Any]] = None,
                  targets: Optional[Targets] = "qv") -> None:
-        super().__init__(targets=None if config and "target_modules" in config else targets)
-        self.save_hyperparameters()
+        super().__init__(targets=targets)
         self.config_class = config_class
         self.config = dict(config or {})
         self.name = import_object(config_class).__name__.removesuffix("Config").lower()
         self.mergeable = self.name not in {"prefixtuning", "prompttuning", "promptencoder"}
         self.merge_note = "prompt-learning methods add virtual tokens, not weight deltas" if not self.mergeable else ""
+
+    def target_modules(self, task, heads: list[str]) -> Optional[list[str]]:
+        return None if "target_modules" in self.config else super().target_modules(task, heads)
 
     def peft_config(self, task, target_modules: Optional[list[str]]) -> Any:
         cls = import_object(self.config_class)

@@ -21,6 +21,7 @@ from torch import nn
 from lit_peft import backbones
 from lit_peft.errors import ConfigError
 from lit_peft.methods.base import Method, default_param_groups
+from lit_peft.schedules import lazy_schedule
 
 #: attribute names of classification / regression heads in transformers models
 HEAD_NAMES = ("classifier", "score", "pre_classifier", "qa_outputs")
@@ -141,15 +142,11 @@ class PeftTask(LightningModule, abc.ABC):
         self.step(batch, "test")
 
     def configure_optimizers(self) -> dict[str, Any]:
-        from transformers import get_scheduler
-
         lr, wd = self.optim.lr, self.optim.weight_decay
         groups = self.method.param_groups(self, lr, wd) if self.method is not None else default_param_groups(self, lr, wd)
         optimizer = (self.method.build_optimizer(groups) if self.method is not None else None) or torch.optim.AdamW(groups, lr=lr)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        schedule = "constant_with_warmup" if self.optim.schedule == "constant" else self.optim.schedule
-        scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=int(self.optim.warmup_ratio * total),
-                                  num_training_steps=total)
+        scheduler = lazy_schedule(optimizer, self.optim.schedule, self.optim.warmup_ratio,
+                                  lambda: self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- checkpoints: only what trained, plus what rebuilds the run ---------------------------
@@ -178,9 +175,15 @@ class PeftTask(LightningModule, abc.ABC):
                 f"the checkpoint {problem}: it was saved with another method or backbone. "
                 f"Resume with the config it was trained with (method '{self.method_name}' now)"
             )
-        rng = checkpoint.get("lit_peft", {}).get("rng")
+        # restored at the first training batch: what runs between here and there (sanity checks,
+        # other callbacks) must not shift the random stream an uninterrupted run would have seen
+        self._rng_to_restore = checkpoint.get("lit_peft", {}).get("rng")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        rng = getattr(self, "_rng_to_restore", None)
         if rng:
             torch.set_rng_state(rng["torch"])
             random.setstate(rng["python"])
             kind, keys, pos, has_gauss, gauss = rng["numpy"]
             np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+            self._rng_to_restore = None

@@ -1,0 +1,75 @@
+"""Shared fixtures: a tiny BERT built from a config (no download), toy sentiment files, and a
+helper that runs a short fit."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+H, LAYERS, INTER, POSITIONS = 32, 2, 64, 64
+
+POSITIVE = "good great superb lovely fine wonderful moving brilliant".split()
+NEGATIVE = "bad awful dull boring poor weak tedious clumsy".split()
+FILLER = "the film was a story with acting and plot that felt".split()
+
+
+def needs_shared(*parts: str) -> Path:
+    """A path under ../shared/data, or skip the test where the shared data is absent (a user's clone)."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs {path} (the project's shared reference data), which is absent in this checkout")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    """Folder with a randomly initialised 2-layer BERT (hidden 32) and the MiniLM tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from lit_peft.backbones import resolve
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve("minilm"))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=H, num_hidden_layers=LAYERS,
+                        num_attention_heads=4, intermediate_size=INTER, max_position_embeddings=POSITIONS,
+                        num_labels=2, initializer_range=0.2)  # wider than BERT's 0.02, so random features separate
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def toy_rows(n: int, seed: int) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = rng.sample(FILLER, 4) + rng.sample(POSITIVE if label else NEGATIVE, 2)
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> Path:
+    """train.tsv (256 rows) and dev.tsv (64 rows) in SST-2's layout; the label follows the sentiment words."""
+    folder = tmp_path_factory.mktemp("toy-sst2")
+    for name, n, seed in (("train.tsv", 256, 1), ("dev.tsv", 64, 2)):
+        lines = ["sentence\tlabel"] + [f"{text}\t{label}" for text, label in toy_rows(n, seed)]
+        (folder / name).write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def quiet_trainer(**kwargs):
+    from lightning.pytorch import Trainer
+
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                    enable_checkpointing=False, num_sanity_val_steps=0, deterministic=True)
+    defaults.update(kwargs)
+    return Trainer(**defaults)

@@ -1,0 +1,210 @@
+"""The shared method table: every method gets every check by adding one row.
+
+For each row, on a tiny BERT built from a config and a toy sentiment task:
+- applying the method trains exactly the expected parameters;
+- a short fit lowers the validation loss;
+- a checkpoint holds only what trained;
+- resuming from a mid-epoch and from an end-of-epoch checkpoint ends with the same weights as the
+  uninterrupted run;
+- ``lit-peft merge`` output loads with ``AutoModelForSequenceClassification`` and gives the
+  unmerged logits; ``lit-peft export`` output loads with ``PeftModel.from_pretrained``, likewise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from conftest import H, INTER, LAYERS, POSITIONS, quiet_trainer
+from lit_peft import methods
+from lit_peft.data import SST2Data
+from lit_peft.export import export_checkpoint, load_checkpoint, merge_checkpoint
+from lit_peft.tasks import SequenceClassification
+
+VOCAB = 30522
+HEAD = H * 2 + 2
+LAYER = 4 * (H * H + H) + 2 * 2 * H + (H * INTER + INTER) + (INTER * H + H)
+EMBEDDINGS = VOCAB * H + POSITIONS * H + 2 * H + 2 * H
+POOLER = H * H + H
+TOTAL = EMBEDDINGS + LAYERS * LAYER + POOLER + HEAD
+R = 4
+EPOCHS, MID = 3, 24  # 256 rows in batches of 16: 16 steps an epoch; step 24 is mid-way through epoch 2
+QV = 2 * LAYERS  # adapted modules with targets=qv
+
+
+@dataclass
+class Case:
+    id: str
+    make: Callable[[], methods.Method]
+    trainable: int
+    lr: float = 2e-2
+    mergeable: bool = True
+    exportable: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+CASES = [
+    Case("full", methods.FullFineTune, TOTAL, lr=3e-3, exportable=False),
+    Case("linear_probe", methods.LinearProbe, HEAD, lr=5e-2, exportable=False),
+    Case("partial", lambda: methods.PartialFineTune(last_n_blocks=1), HEAD + LAYER, exportable=False),
+    Case("partial_embeddings", lambda: methods.PartialFineTune(last_n_blocks=0, modules=["embeddings"]),
+         HEAD + EMBEDDINGS, exportable=False),
+    Case("lora", lambda: methods.LoRA(r=R, alpha=8), HEAD + QV * 2 * R * H),
+    Case("lora_qkv", lambda: methods.LoRA(r=R, alpha=8, targets="qkv"), HEAD + 3 * LAYERS * 2 * R * H),
+    Case("lora_all_linear", lambda: methods.LoRA(r=R, alpha=8, targets="all-linear"),
+         # q, k, v, attention out (H->H), intermediate (H->INTER), output (INTER->H) per layer, and the pooler
+         HEAD + LAYERS * (4 * 2 * R * H + 2 * R * (H + INTER)) + 2 * R * H),
+    Case("dora", lambda: methods.DoRA(r=R, alpha=8), HEAD + QV * (2 * R * H + H)),
+    Case("rslora", lambda: methods.RsLoRA(r=R, alpha=8), HEAD + QV * 2 * R * H),
+    Case("pissa", lambda: methods.PiSSA(r=R, alpha=R), HEAD + QV * 2 * R * H),
+    Case("olora", lambda: methods.OLoRA(r=R, alpha=8), HEAD + QV * 2 * R * H),
+    Case("eva", lambda: methods.EVA(r=R, alpha=8, rho=1.0), HEAD + QV * 2 * R * H),
+    Case("adalora", lambda: methods.AdaLoRA(init_r=R, target_r=2, alpha=8, tinit=8, tfinal=8, delta_t=2),
+         HEAD + QV * (2 * R * H + R)),
+    # IA3 on peft's BERT defaults: key, value, and both "output.dense" layers (feed-forward: scaled on the input side)
+    Case("ia3", methods.IA3, HEAD + LAYERS * (H + H + H + INTER), lr=5e-2),
+    Case("loha", lambda: methods.PeftMethod("peft.LoHaConfig", {"r": R, "alpha": 8}), HEAD + QV * 4 * R * H),
+]
+
+
+def make_task(tiny_bert: str, case: Case) -> SequenceClassification:
+    return SequenceClassification(backbone=tiny_bert, num_labels=2, learning_rate=case.lr, warmup_ratio=0.0,
+                                  lr_schedule="linear")
+
+
+def make_data(toy_data: Path) -> SST2Data:
+    return SST2Data(data_dir=str(toy_data), batch_size=16, max_length=16)
+
+
+def trainable(task) -> int:
+    return sum(p.numel() for p in task.parameters() if p.requires_grad)
+
+
+def trained_state(task) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in task.state_dict().items() if k in task.trained_keys()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_apply_trains_the_expected_parameters(case: Case, tiny_bert: str) -> None:
+    task = make_task(tiny_bert, case)
+    method = case.make()
+    method.attach(task)
+    assert trainable(task) == case.trainable
+    method.attach(task)  # idempotent: a second setup (validate after fit) changes nothing
+    assert trainable(task) == case.trainable
+
+
+# ---- one trained run per method, shared by the checks below -------------------------------------
+@dataclass
+class Run:
+    task: SequenceClassification
+    data: SST2Data
+    ckpts: dict[str, Path]
+    loss_before: float
+    loss_after: float
+
+
+def val_loss(task, data) -> float:
+    trainer = quiet_trainer()
+    return trainer.validate(task, datamodule=data, verbose=False)[0]["val_loss"]
+
+
+_RUNS: dict[str, Run] = {}
+
+
+def trained(case: Case, tiny_bert: str, toy_data: Path, tmp_path_factory) -> Run:
+    """Fit 3 epochs of 16 steps, keeping Lightning's end-of-epoch checkpoints and one mid-epoch
+    (step 24, half-way through the second epoch)."""
+    if case.id not in _RUNS:
+        folder = tmp_path_factory.mktemp(f"run-{case.id}")
+        task, data = make_task(tiny_bert, case), make_data(toy_data)
+        method = case.make()
+        method.attach(task)
+        before = val_loss(task, data)
+        checkpoints = [ModelCheckpoint(dirpath=folder, filename="{step}", every_n_train_steps=MID, save_top_k=-1),
+                       ModelCheckpoint(dirpath=folder, filename="{epoch}", save_top_k=-1)]
+        quiet_trainer(max_epochs=EPOCHS, callbacks=[method, *checkpoints], enable_checkpointing=True).fit(
+            task, datamodule=data)
+        after = val_loss(task, data)
+        ckpts = {"mid_epoch": folder / f"step={MID}.ckpt", "end_of_epoch": folder / "epoch=0.ckpt",
+                 "last": folder / f"epoch={EPOCHS - 1}.ckpt"}
+        _RUNS[case.id] = Run(task, data, ckpts, before, after)
+    return _RUNS[case.id]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_a_short_fit_lowers_the_loss(case: Case, tiny_bert, toy_data, tmp_path_factory) -> None:
+    run = trained(case, tiny_bert, toy_data, tmp_path_factory)
+    assert run.loss_after < run.loss_before - 0.05, (run.loss_before, run.loss_after)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_checkpoint_holds_only_what_trained(case: Case, tiny_bert, toy_data, tmp_path_factory) -> None:
+    run = trained(case, tiny_bert, toy_data, tmp_path_factory)
+    ckpt = torch.load(run.ckpts["last"], map_location="cpu", weights_only=False)
+    saved = sum(v.numel() for v in ckpt["state_dict"].values())
+    assert set(ckpt["state_dict"]) == run.task.trained_keys()
+    assert saved == case.trainable
+    assert ckpt["lit_peft"]["method"]["class_path"].startswith("lit_peft.methods.")
+
+
+@pytest.mark.parametrize("when", ["mid_epoch", "end_of_epoch"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_resume_is_exact(case: Case, when: str, tiny_bert, toy_data, tmp_path_factory) -> None:
+    run = trained(case, tiny_bert, toy_data, tmp_path_factory)
+    task, data, method = make_task(tiny_bert, case), make_data(toy_data), case.make()
+    quiet_trainer(max_epochs=EPOCHS, callbacks=[method]).fit(task, datamodule=data, ckpt_path=run.ckpts[when])
+    expected, got = trained_state(run.task), trained_state(task)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def logits(model, data: SST2Data) -> torch.Tensor:
+    batch = next(iter(data.val_dataloader()))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_merge_gives_the_unmerged_logits(case: Case, tiny_bert, toy_data, tmp_path, tmp_path_factory) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    run = trained(case, tiny_bert, toy_data, tmp_path_factory)
+    unmerged = load_checkpoint(run.ckpts["last"])
+    expected = logits(unmerged.backbone, run.data)
+    torch.testing.assert_close(expected, logits(run.task.backbone.eval(), run.data), rtol=0, atol=1e-6)
+    merge_checkpoint(run.ckpts["last"], tmp_path / "merged")
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert (expected - logits(merged, run.data)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.exportable], ids=lambda c: c.id)
+def test_export_loads_with_peft(case: Case, tiny_bert, toy_data, tmp_path, tmp_path_factory) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    run = trained(case, tiny_bert, toy_data, tmp_path_factory)
+    expected = logits(load_checkpoint(run.ckpts["last"]).backbone, run.data)
+    export_checkpoint(run.ckpts["last"], tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    assert (expected - logits(loaded, run.data)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c.exportable], ids=lambda c: c.id)
+def test_export_refuses_plain_weights(case: Case, tiny_bert, toy_data, tmp_path, tmp_path_factory) -> None:
+    from lit_peft.errors import ConfigError
+
+    run = trained(case, tiny_bert, toy_data, tmp_path_factory)
+    with pytest.raises(ConfigError, match="lit-peft merge"):
+        export_checkpoint(run.ckpts["last"], tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
