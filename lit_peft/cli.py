@@ -17,13 +17,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_peft.errors import ConfigError
 from lit_peft.metrics import EfficiencyReport
 from lit_peft.methods.base import Method
-from lit_peft.tasks.base import PeftTask
 
 EXTRA = {
     "merge": "Fold a checkpoint's trained state into the backbone; save a transformers model folder.",
@@ -38,6 +37,13 @@ class LitPeftCLI(LightningCLI):
         parser.add_lightning_class_args(EfficiencyReport, "report")
 
 
+    def instantiate_trainer(self, **kwargs):
+        # as LightningCLI's, but `method: null` (a plain LightningModule of your own) adds no callback
+        keys = self._parser(self.subcommand).callback_keys
+        extra = [cb for cb in (self._get(self.config_init, k) for k in keys) if cb is not None]
+        return self._instantiate_trainer({**self._get(self.config_init, "trainer", default={}), **kwargs}, extra)
+
+
 def trainer_defaults() -> dict:
     return {
         "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "lit-peft"}},
@@ -47,7 +53,7 @@ def trainer_defaults() -> dict:
 
 def run_lightning(args: Optional[list[str]] = None) -> None:
     LitPeftCLI(
-        PeftTask,
+        LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,

@@ -62,6 +62,11 @@ class Method(Callback, abc.ABC):
         """Apply this method to ``task`` once; a second call (validate after fit, resume) is a no-op."""
         if getattr(task, "method", None) is self:
             return
+        if not hasattr(task, "configure_backbone"):
+            raise ConfigError(
+                f"method '{self.name}' needs a lit-peft task (a subclass of lit_peft.tasks.PeftTask, which owns a "
+                f"`backbone`), but the model is a {type(task).__name__}; subclass a lit-peft task, or set `method: null`"
+            )
         if getattr(task, "method", None) is not None:
             raise ConfigError(
                 f"the model already has method '{task.method.name}' applied; give one method per run "

@@ -1,0 +1,69 @@
+"""SST-2 quality benchmark: full fine-tuning, linear probing, LoRA and DoRA on all-MiniLM-L6-v2.
+
+Each method trains on the whole SST-2 train split (67,349 sentences) from its config in
+``configs/`` and is scored on ``dev.tsv`` (872 sentences, the split papers report), each in its own
+process so peak memory is per run. Prints a markdown table (accuracy, trainable %, time, peak
+memory) and writes it, with the raw summaries, to ``benchmarks/results/``.
+
+    python benchmarks/sst2.py --data_dir ../shared/data/sst2 [--epochs 1] [--methods full lora]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["full", "linear_probe", "lora", "dora"]
+
+
+def run(method: str, data_dir: str, epochs: int, out: Path, limit: float) -> dict:
+    save_dir = out / "runs"
+    cmd = [sys.executable, "-m", "lit_peft.cli", "fit", "--config", str(ROOT / "configs" / f"{method}_sst2.yaml"),
+           "--data.init_args.data_dir", data_dir, "--trainer.max_epochs", str(epochs),
+           "--trainer.enable_progress_bar", "false", "--trainer.limit_train_batches", str(limit),
+           "--trainer.logger.init_args.save_dir", str(save_dir)]
+    started = time.time()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    summaries = sorted((save_dir / f"{method}_sst2").glob("version_*/summary.json"), key=lambda p: p.stat().st_mtime)
+    summary = json.loads(summaries[-1].read_text())
+    summary["wall_s"] = round(time.time() - started, 1)
+    return summary
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| method | dev accuracy | dev F1 | trainable params | trainable % | train time (s) | samples/s | peak RSS (MB) | checkpoint (MB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {100 * r['val_acc']:.2f} | {100 * r['val_f1']:.2f} | {r['trainable_params']:,} | "
+                     f"{r['trainable_pct']:.2f} | {r['train_time_s']:.0f} | {r['samples_per_s']:.1f} | "
+                     f"{r['peak_memory_mb']:.0f} | {r['checkpoint_mb']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data" / "sst2"))
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--limit_train_batches", type=float, default=1.0, help="fraction (or count) of batches, for a quick look")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [run(m, args.data_dir, args.epochs, out, args.limit_train_batches) for m in args.methods]
+    text = table(rows)
+    print(text)
+    (out / "sst2.md").write_text(f"SST-2 dev, {args.epochs} epoch(s), all-MiniLM-L6-v2, CPU\n\n{text}\n")
+    (out / "sst2.json").write_text(json.dumps(rows, indent=2) + "\n")
+    full = next((r for r in rows if r["method"] == "full"), None)
+    gaps = {r["method"]: round(100 * (r["val_acc"] - full["val_acc"]), 2) for r in rows if full and r is not full}
+    print("gap_vs_full_points=" + json.dumps(gaps))
+
+
+if __name__ == "__main__":
+    main()
