@@ -1,0 +1,194 @@
+"""The `lit-peft` command end to end: fit writes summary.json with every figure, test and predict
+run from the checkpoint, merge and export produce loadable folders, and bad input gets one clear
+message with exit status 2 and no traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lit_peft.cli import main
+
+SUMMARY_KEYS = {"method", "task", "trainable_params", "total_params", "trainable_pct", "train_time_s", "samples_per_s",
+                "peak_memory_mb", "checkpoint_mb"}
+
+
+def write_config(folder: Path, tiny_bert: str, toy_data: Path, method: dict | None = None, **trainer) -> Path:
+    config = {
+        "seed_everything": 7,
+        "model": {"class_path": "lit_peft.tasks.SequenceClassification",
+                  "init_args": {"backbone": tiny_bert, "num_labels": 2, "learning_rate": 2e-2}},
+        "data": {"class_path": "lit_peft.data.SST2Data",
+                 "init_args": {"data_dir": str(toy_data), "batch_size": 32, "max_length": 16}},
+        "method": method or {"class_path": "lit_peft.methods.LoRA", "init_args": {"r": 4, "alpha": 8}},
+        "trainer": {"max_epochs": 2, "accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False,
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                               "init_args": {"save_dir": str(folder / "runs"), "name": "toy"}}, **trainer},
+    }
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def cli(*args: str) -> None:
+    try:
+        main(list(args))
+    except SystemExit as exit:  # LightningCLI exits 0 after --help / --print_config
+        if exit.code not in (0, None):
+            raise
+
+
+def lit_peft(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lit_peft.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_bert, toy_data, tmp_path_factory) -> tuple[Path, Path]:
+    """(config, run folder) of one `lit-peft fit` with LoRA on the toy data."""
+    folder = tmp_path_factory.mktemp("cli")
+    config = write_config(folder, tiny_bert, toy_data)
+    cli("fit", "--config", str(config))
+    return config, folder / "runs" / "toy" / "version_0"
+
+
+def test_fit_writes_summary_with_every_figure(fitted) -> None:
+    _, run = fitted
+    summary = json.loads((run / "summary.json").read_text())
+    assert SUMMARY_KEYS <= summary.keys()
+    assert summary["method"] == "lora" and summary["task"] == "classification"
+    assert summary["trainable_params"] < summary["total_params"]
+    assert summary["trainable_pct"] == pytest.approx(100 * summary["trainable_params"] / summary["total_params"], abs=1e-3)
+    assert summary["train_time_s"] > 0 and summary["samples_per_s"] > 0 and summary["peak_memory_mb"] > 0
+    ckpt = next((run / "checkpoints").glob("*.ckpt"))
+    assert summary["checkpoint_mb"] == pytest.approx(ckpt.stat().st_size / 2**20, abs=1e-3)
+    for key in ("val_loss", "val_acc", "val_f1", "train_loss_epoch"):
+        assert 0 <= summary[key] <= 10, key
+    assert (run / "config.yaml").is_file() and (run / "metrics.csv").is_file()
+
+
+def test_checkpoint_is_small(fitted) -> None:
+    _, run = fitted
+    ckpt = torch.load(next((run / "checkpoints").glob("*.ckpt")), weights_only=False)
+    saved = sum(v.numel() for v in ckpt["state_dict"].values())
+    summary = json.loads((run / "summary.json").read_text())
+    assert saved == summary["trainable_params"]
+
+
+def test_test_and_predict_from_the_checkpoint(fitted, tmp_path) -> None:
+    config, run = fitted
+    ckpt = next((run / "checkpoints").glob("*.ckpt"))
+    cli("test", "--config", str(config), "--ckpt_path", str(ckpt),
+        "--trainer.logger.init_args.save_dir", str(tmp_path))
+    summary = json.loads((tmp_path / "toy" / "version_0" / "summary.json").read_text())
+    fit_summary = json.loads((run / "summary.json").read_text())
+    # the dev split is both validation and test for SST-2: the restored model scores what it scored
+    assert summary["test_acc"] == pytest.approx(fit_summary["val_acc"], abs=1e-6)
+
+
+def test_predict_writes_jsonl(fitted, toy_data, tmp_path) -> None:
+    config, run = fitted
+    ckpt = next((run / "checkpoints").glob("*.ckpt"))
+    texts = (toy_data / "dev.tsv").read_text().splitlines()[1:]
+    (tmp_path / "unlabelled.jsonl").write_text("".join(json.dumps({"text": t.split("\t")[0]}) + "\n" for t in texts))
+    cli("predict", "--config", str(config), "--ckpt_path", str(ckpt),
+        "--data", "lit_peft.data.TextClassificationData", "--data.init_args.predict_file", str(tmp_path / "unlabelled.jsonl"),
+        "--predictions.path", str(tmp_path / "preds.jsonl"), "--trainer.logger.init_args.save_dir", str(tmp_path))
+    rows = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
+    assert len(rows) == len(texts)
+    labels = [int(t.split("\t")[1]) for t in texts]
+    assert all(r["pred"] in (0, 1) and abs(sum(r["probs"]) - 1) < 1e-5 for r in rows)
+    summary = json.loads((run / "summary.json").read_text())
+    accuracy = sum(r["pred"] == y for r, y in zip(rows, labels)) / len(rows)
+    assert accuracy == pytest.approx(summary["val_acc"], abs=1e-6)
+
+
+def test_merge_and_export_commands(fitted, tmp_path, tiny_bert) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    _, run = fitted
+    ckpt = next((run / "checkpoints").glob("*.ckpt"))
+    cli("merge", "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "merged"))
+    cli("export", "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "adapter"))
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+    inputs = {"input_ids": torch.tensor([[101, 2204, 3185, 102]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    adapted = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny_bert),
+                                        tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert (merged(**inputs).logits - adapted(**inputs).logits).abs().max() < 1e-4
+
+
+def test_merge_refuses_to_overwrite(fitted, tmp_path) -> None:
+    _, run = fitted
+    ckpt = next((run / "checkpoints").glob("*.ckpt"))
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("earlier results")
+    result = lit_peft("merge", "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "taken"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "not empty" in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "earlier results"
+
+
+def test_a_second_run_does_not_overwrite_the_first(fitted) -> None:
+    config, run = fitted
+    before = {p: p.read_bytes() for p in (run / "checkpoints").glob("*.ckpt")}
+    cli("fit", "--config", str(config), "--trainer.max_epochs", "1")
+    assert (run.parent / "version_1" / "summary.json").is_file()
+    assert {p: p.read_bytes() for p in (run / "checkpoints").glob("*.ckpt")} == before
+
+
+def test_help_and_print_config(capsys) -> None:
+    cli("--help")
+    out = capsys.readouterr().out
+    assert "fit" in out and "merge" in out and "export" in out
+    cli("fit", "--config", "configs/dora_sst2.yaml", "--print_config")
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["method"]["class_path"] == "lit_peft.methods.DoRA"
+    assert printed["method"]["init_args"]["r"] == 8
+    assert printed["report"]["enabled"] is True
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"method": {"class_path": "lit_peft.methods.LoRA", "init_args": {"r": 4, "targets": ["qeury"]}}},
+     "unknown target module 'qeury'"),
+    ({"method": {"class_path": "lit_peft.methods.NoSuchMethod"}}, "NoSuchMethod"),
+    ({"data": {"init_args": {"data_dir": "/nonexistent/sst2"}}}, "SST-2 folder '/nonexistent/sst2' does not exist"),
+    ({"model": {"init_args": {"num_labels": 2, "learning_rat": 0.1}}}, "learning_rat"),
+    ({"model": {"init_args": {"backbone": "./no/such/folder"}}}, "does not exist"),
+])
+def test_bad_config_gets_one_clear_message(change, message, tiny_bert, toy_data, tmp_path) -> None:
+    config = yaml.safe_load(write_config(tmp_path, tiny_bert, toy_data).read_text())
+    for key, value in change.items():
+        if "init_args" in value and "class_path" not in value:
+            config[key]["init_args"].update(value["init_args"])
+        else:
+            config[key] = value
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    result = lit_peft("fit", "--config", str(tmp_path / "bad.yaml"), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list((tmp_path / "runs").glob("**/*.ckpt"))
+
+
+def test_label_outside_num_labels_names_the_row(tiny_bert, toy_data, tmp_path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = (toy_data / "train.tsv").read_text().splitlines()
+    rows[5] = rows[5].rsplit("\t", 1)[0] + "\t3"
+    (data / "train.tsv").write_text("\n".join(rows) + "\n")
+    (data / "dev.tsv").write_text((toy_data / "dev.tsv").read_text())
+    config = write_config(tmp_path, tiny_bert, data)
+    result = lit_peft("fit", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "train.tsv:6: label 3 is outside the model's num_labels=2" in result.stderr
+    assert "Traceback" not in result.stderr
