@@ -1,0 +1,124 @@
+"""Data modules: the user's own files in every format, bad rows named by file and line, SST-2 from a
+GLUE folder, the Rotten Tomatoes snippets, batching and limits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import needs_shared
+from lit_peft.backbones import load_tokenizer
+from lit_peft.data import RottenTomatoesData, SST2Data, TextClassificationData
+from lit_peft.data.text_classification import EpochShuffle
+from lit_peft.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("minilm")
+
+
+def setup(data, tokenizer):
+    data.cfg.tokenizer = None
+    data._tokenizer = lambda: tokenizer  # the task's tokenizer, without a trainer
+    data.setup("fit")
+    return data
+
+
+ROWS = [{"review": f"text number {i} is {'good' if i % 3 else 'bad'}", "stars": "pos" if i % 3 else "neg"} for i in range(30)]
+
+
+def write(path: Path, rows: list[dict]) -> Path:
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        sep = "\t" if path.suffix == ".tsv" else ","
+        path.write_text("\n".join([sep.join(rows[0])] + [sep.join(str(v) for v in r.values()) for r in rows]) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
+def test_own_files_with_named_columns_and_label_names(suffix, tmp_path, tokenizer) -> None:
+    train = write(tmp_path / f"train{suffix}", ROWS)
+    data = setup(TextClassificationData(train_file=str(train), text_column="review", label_column="stars",
+                                        labels=["neg", "pos"], val_fraction=0.2, batch_size=4), tokenizer)
+    assert len(data.splits["train"]) == 24 and len(data.splits["val"]) == 6
+    assert data.splits["test"] == data.splits["val"]  # no test file: test on the validation split
+    for e in data.splits["train"] + data.splits["val"]:
+        assert e.label == ("good" in e.text)
+    batch = next(iter(data.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 4 and set(batch["labels"].tolist()) <= {0, 1}
+    # dynamic padding: the batch is as long as its longest row, not max_length
+    assert batch["input_ids"].shape[1] == int(batch["attention_mask"].sum(1).max())
+    assert data.num_labels == 2
+
+
+def test_missing_column_is_named(tmp_path, tokenizer) -> None:
+    train = write(tmp_path / "train.csv", ROWS)
+    with pytest.raises(ConfigError, match="has no column 'text'; its columns are: review, stars"):
+        setup(TextClassificationData(train_file=str(train)), tokenizer)
+
+
+def test_bad_label_names_file_and_line(tmp_path, tokenizer) -> None:
+    rows = [dict(r) for r in ROWS]
+    rows[7]["stars"] = "meh"
+    train = write(tmp_path / "train.csv", rows)
+    with pytest.raises(ConfigError, match=r"train.csv:9: label 'meh' is not one of the labels \['neg', 'pos'\]"):
+        setup(TextClassificationData(train_file=str(train), text_column="review", label_column="stars",
+                                     labels=["neg", "pos"]), tokenizer)
+
+
+def test_label_out_of_range_is_caught_before_training(tmp_path, tokenizer) -> None:
+    rows = [{"text": r["review"], "label": 1 if r["stars"] == "pos" else 0} for r in ROWS]
+    rows[3]["label"] = 4
+    data = setup(TextClassificationData(train_file=str(write(tmp_path / "t.jsonl", rows))), tokenizer)
+    assert data.num_labels == 5
+    with pytest.raises(ConfigError, match=r"t.jsonl:4: label 4 is outside the model's num_labels=2"):
+        data.check_labels(2)
+    data.check_labels(5)
+
+
+def test_missing_file_and_unknown_format(tmp_path, tokenizer) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        setup(TextClassificationData(train_file=str(tmp_path / "nope.csv")), tokenizer)
+    (tmp_path / "x.parquet").write_text("")
+    with pytest.raises(ConfigError, match="unknown format"):
+        setup(TextClassificationData(train_file=str(tmp_path / "x.parquet")), tokenizer)
+
+
+def test_row_limits_and_truncation(toy_data, tokenizer) -> None:
+    data = setup(SST2Data(data_dir=str(toy_data), limit_train_rows=40, limit_eval_rows=10, max_length=5), tokenizer)
+    assert len(data.splits["train"]) == 40 and len(data.splits["val"]) == 10
+    assert max(len(x["input_ids"]) for x in data.datasets["train"]) == 5
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only() -> None:
+    a, b = EpochShuffle(50, seed=1), EpochShuffle(50, seed=1)
+    first = list(a)
+    assert sorted(first) == list(range(50))
+    a.set_epoch(1)
+    assert list(a) != first
+    b.set_epoch(1)
+    assert list(b) == list(a)
+
+
+def test_sst2_from_the_shared_glue_folder(tokenizer) -> None:
+    folder = needs_shared("sst2")
+    data = setup(SST2Data(data_dir=str(folder), limit_train_rows=1000), tokenizer)
+    assert len(data.splits["val"]) == 872 and data.splits["test"] == data.splits["val"]
+    assert {e.label for e in data.splits["val"]} == {0, 1}
+    assert len(data.splits["train"]) == 1000
+
+
+def test_rotten_tomatoes_snippets(tokenizer) -> None:
+    data = setup(RottenTomatoesData(), tokenizer)
+    sizes = {k: len(v) for k, v in data.splits.items()}
+    total = sum(sizes.values())
+    assert 10_000 < total < 10_605  # neutral (0.0) ratings dropped
+    assert sizes["val"] == sizes["test"] == pytest.approx(total * 0.1, abs=2)
+    positive = sum(e.label for rows in data.splits.values() for e in rows) / total
+    assert 0.4 < positive < 0.6
+    rows = {k: {e.where for e in v} for k, v in data.splits.items()}
+    assert not rows["train"] & rows["val"] and not rows["train"] & rows["test"] and not rows["val"] & rows["test"]
