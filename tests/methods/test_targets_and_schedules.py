@@ -1,0 +1,103 @@
+"""Target presets resolve per architecture; bad targets and settings get clear errors; AdaLoRA's
+rank budget really shrinks to target_r on the trainer's steps; schedules have their shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import quiet_trainer
+from lit_peft import methods
+from lit_peft.data import SST2Data
+from lit_peft.errors import ConfigError
+from lit_peft.methods.targets import resolve_targets
+from lit_peft.schedules import warmup_then
+from lit_peft.tasks import SequenceClassification
+
+
+def tiny(kind: str):
+    from transformers import (BertConfig, BertForSequenceClassification, DistilBertConfig,
+                              DistilBertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification)
+
+    if kind == "bert":
+        return BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2,
+                                                        num_attention_heads=2, intermediate_size=32))
+    if kind == "llama":
+        return LlamaForSequenceClassification(LlamaConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2,
+                                                          num_attention_heads=2, num_key_value_heads=2,
+                                                          intermediate_size=32, pad_token_id=0))
+    return DistilBertForSequenceClassification(DistilBertConfig(vocab_size=100, dim=16, n_layers=2, n_heads=2,
+                                                                hidden_dim=32))
+
+
+@pytest.mark.parametrize("kind, qv, qkv", [
+    ("bert", ["query", "value"], ["key", "query", "value"]),
+    ("llama", ["q_proj", "v_proj"], ["k_proj", "q_proj", "v_proj"]),
+    ("distilbert", ["q_lin", "v_lin"], ["k_lin", "q_lin", "v_lin"]),
+])
+def test_presets_resolve_per_architecture(kind, qv, qkv) -> None:
+    model = tiny(kind)
+    assert resolve_targets(model, "qv") == qv
+    assert resolve_targets(model, "qkv") == qkv
+    heads = ("classifier", "score", "pre_classifier")
+    every = resolve_targets(model, "all-linear", exclude=heads)
+    assert every and not any(n.split(".")[0] in heads for n in every)
+
+
+def test_explicit_and_unknown_targets() -> None:
+    model = tiny("bert")
+    assert resolve_targets(model, ["query", "attention.output.dense"]) == ["query", "attention.output.dense"]
+    with pytest.raises(ConfigError, match="unknown target module 'quer'.*Linear layers are named: classifier, dense, key, query, value"):
+        resolve_targets(model, ["quer"])
+    with pytest.raises(ConfigError, match="unknown target preset 'qk'"):
+        resolve_targets(model, "qk")
+
+
+def test_bad_method_settings() -> None:
+    with pytest.raises(ConfigError, match="rank r must be a positive"):
+        methods.LoRA(r=0)
+    with pytest.raises(ConfigError, match="target_r <= init_r"):
+        methods.AdaLoRA(init_r=4, target_r=8)
+    with pytest.raises(ConfigError, match="cannot import 'peft.NoSuchConfig'"):
+        methods.PeftMethod("peft.NoSuchConfig")
+
+
+def test_partial_errors_name_the_module(tiny_bert) -> None:
+    task = SequenceClassification(backbone=tiny_bert)
+    with pytest.raises(ConfigError, match="no module named 'embedings'"):
+        methods.PartialFineTune(last_n_blocks=0, modules=["embedings"]).attach(task)
+    task = SequenceClassification(backbone=tiny_bert)
+    with pytest.raises(ConfigError, match="only 2 blocks"):
+        methods.PartialFineTune(last_n_blocks=3).attach(task)
+
+
+def test_adalora_prunes_to_the_target_budget(tiny_bert, toy_data) -> None:
+    """init_r=4 on 4 modules (16 singular values) is pruned to target_r=2 on average: 8 kept."""
+    task = SequenceClassification(backbone=tiny_bert, learning_rate=2e-2, warmup_ratio=0.0)
+    method = methods.AdaLoRA(init_r=4, target_r=2, alpha=8, tinit=4, tfinal=8, delta_t=2)
+    quiet_trainer(max_epochs=2, callbacks=[method]).fit(task, datamodule=SST2Data(data_dir=str(toy_data), batch_size=16))
+    config = task.backbone.peft_config["default"]
+    assert config.total_step == 32  # read from the trainer: 2 epochs of 16 steps
+    kept = sum(int((p != 0).sum()) for n, p in task.backbone.named_parameters() if "lora_E" in n)
+    assert kept == 2 * 4
+    assert sum(sum(bool(x) for x in m) for m in config.rank_pattern.values()) == 8
+
+
+def test_adalora_orthogonality_regularizer(tiny_bert) -> None:
+    task = SequenceClassification(backbone=tiny_bert)
+    method = methods.AdaLoRA(init_r=4, target_r=2, orth_reg_weight=0.5)
+    method.attach(task)
+    reg = method.regularization(task)
+    assert reg is not None and reg.requires_grad and float(reg) > 0
+    reg.backward()
+    grads = [p.grad for n, p in task.named_parameters() if "lora_A" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine", "constant"])
+def test_schedule_shapes(shape) -> None:
+    factor = warmup_then(shape, warmup_ratio=0.1, total_steps=lambda: 100)
+    values = [factor(s) for s in range(101)]
+    assert values[0] == 0.0 and values[5] == pytest.approx(0.5) and values[10] == pytest.approx(1.0)
+    assert values[100] == pytest.approx({"linear": 0.0, "cosine": 0.0, "constant": 1.0}[shape])
+    assert values[55] == pytest.approx({"linear": 0.5, "cosine": 0.5, "constant": 1.0}[shape])
