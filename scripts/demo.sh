@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-source .venv/bin/activate 2>/dev/null || true
+[[ -n "${VIRTUAL_ENV:-}" ]] || source .venv/bin/activate
 lit-peft fit --config configs/dora_demo.yaml "$@"
