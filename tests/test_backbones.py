@@ -1,0 +1,45 @@
+"""Backbones load from a folder, a packaged alias or a hub id, in the dtype asked for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lit_peft import backbones
+from lit_peft.errors import ConfigError
+from lit_peft.tasks import SequenceClassification
+
+
+def test_packaged_alias_resolves_to_a_model_folder() -> None:
+    from pathlib import Path
+
+    folder = Path(backbones.resolve("minilm"))
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    assert backbones.resolve("bert-base-uncased") == "bert-base-uncased"  # a hub id is left to transformers
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dtype_option(tiny_bert, dtype) -> None:
+    task = SequenceClassification(backbone=tiny_bert, dtype=dtype)
+    task.configure_backbone()
+    assert {p.dtype for p in task.backbone.parameters()} == {backbones.DTYPES[dtype]}
+
+
+def test_bad_backbones_are_named(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="unknown dtype 'fp8'"):
+        SequenceClassification(backbone="minilm", dtype="fp8")
+    with pytest.raises(ConfigError, match="has no config.json"):
+        backbones.resolve(str(tmp_path))
+    with pytest.raises(ConfigError, match="'./missing' does not exist"):
+        backbones.resolve("./missing")
+
+
+def test_minilm_loads_offline_with_pretrained_weights() -> None:
+    task = SequenceClassification(backbone="minilm")
+    model = task.configure_backbone()
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(22.7e6, rel=0.01)
+    assert model.training  # dropout is on for fine-tuning
+    enc = task.tokenizer(["a fine film", "a dull film"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        hidden = model.bert(**enc).last_hidden_state
+    assert torch.isfinite(hidden).all() and hidden.shape[-1] == 384
