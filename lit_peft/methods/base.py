@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import inspect
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -27,15 +28,33 @@ if TYPE_CHECKING:
 NO_DECAY = ("bias", "LayerNorm.weight", "layernorm.weight", "layer_norm.weight", "norm.weight")
 
 
-def default_param_groups(module: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable weights with weight decay; biases and normalisation weights without."""
-    decay, no_decay = [], []
+def default_param_groups(module: nn.Module, lr: float, weight_decay: float,
+                         lr_multipliers: Optional[dict[str, float]] = None) -> list[dict[str, Any]]:
+    """Optimizer groups over the trainable parameters.
+
+    Biases and normalisation weights get no weight decay. ``lr_multipliers`` maps regular
+    expressions, searched in parameter names, to factors on the learning rate; a parameter matched
+    by several gets their product. ``{"lora_B": 16}`` is LoRA+ with ratio 16; ``{"\\.value\\.": 4}``
+    trains W_v at four times the rate of W_q and W_k.
+    """
+    multipliers = dict(lr_multipliers or {})
+    unused = set(multipliers)
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, param in module.named_parameters():
-        if param.requires_grad:
-            (no_decay if name.endswith(NO_DECAY) else decay).append(param)
-    groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay, "name": "decay"},
-              {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": "no_decay"}]
-    return [g for g in groups if g["params"]]
+        if not param.requires_grad:
+            continue
+        factor = 1.0
+        for pattern, value in multipliers.items():
+            if re.search(pattern, name):
+                factor *= value
+                unused.discard(pattern)
+        groups.setdefault((factor, not name.endswith(NO_DECAY)), []).append(param)
+    if unused:
+        raise ConfigError(f"lr_multipliers pattern(s) {sorted(unused)} match no trainable parameter; "
+                          f"trainable names look like: {next((n for n, p in module.named_parameters() if p.requires_grad), '-')}")
+    return [{"params": params, "lr": lr * factor, "weight_decay": weight_decay if decay else 0.0,
+             "name": f"{'decay' if decay else 'no_decay'}*{factor:g}"}
+            for (factor, decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
 
 
 class Method(Callback, abc.ABC):
@@ -87,9 +106,10 @@ class Method(Callback, abc.ABC):
         """Rewrite ``task.backbone`` in place and set ``requires_grad`` on what trains."""
 
     # ---- training -------------------------------------------------------------------------
-    def param_groups(self, task: "PeftTask", lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        """Optimizer parameter groups over what trains."""
-        return default_param_groups(task, lr, weight_decay)
+    def param_groups(self, task: "PeftTask", lr: float, weight_decay: float,
+                     lr_multipliers: Optional[dict[str, float]] = None) -> list[dict[str, Any]]:
+        """Optimizer parameter groups over what trains (see ``default_param_groups``)."""
+        return default_param_groups(task, lr, weight_decay, lr_multipliers)
 
     def build_optimizer(self, groups: list[dict[str, Any]]) -> Optional[torch.optim.Optimizer]:
         """An optimizer of the method's own (GaLore's); ``None`` lets the task use AdamW."""
