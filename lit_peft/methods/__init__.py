@@ -6,6 +6,7 @@ from lit_peft.methods.freeze import FullFineTune, LinearProbe, PartialFineTune
 from lit_peft.methods.ia3 import IA3
 from lit_peft.methods.lora import EVA, DoRA, LoRA, OLoRA, PiSSA, RsLoRA
 from lit_peft.methods.peft_adapter import PeftAdapter, PeftMethod
+from lit_peft.methods.qlora import QDoRA, QLoRA
 
 __all__ = ["AdaLoRA", "DoRA", "EVA", "FullFineTune", "IA3", "LinearProbe", "LoRA", "Method", "OLoRA",
-           "PartialFineTune", "PeftAdapter", "PeftMethod", "PiSSA", "RsLoRA"]
+           "PartialFineTune", "PeftAdapter", "PeftMethod", "PiSSA", "QDoRA", "QLoRA", "RsLoRA"]

@@ -91,13 +91,13 @@ class Method(Callback, abc.ABC):
                 f"the model already has method '{task.method.name}' applied; give one method per run "
                 f"(found '{self.name}' as well)"
             )
-        task.configure_backbone(**self.backbone_kwargs())
+        task.configure_backbone(**self.backbone_kwargs(trainer))
         self.apply(task, trainer)
         task.method = self
         self.task = task
         task.check_trainable()
 
-    def backbone_kwargs(self) -> dict[str, Any]:
+    def backbone_kwargs(self, trainer: Optional[Trainer] = None) -> dict[str, Any]:
         """Extra ``from_pretrained`` arguments the method needs when the backbone loads (quantization)."""
         return {}
 

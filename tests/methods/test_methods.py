@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from conftest import H, INTER, LAYERS, POSITIONS, quiet_trainer
 from lit_peft import methods
 from lit_peft.data import SST2Data
+from lit_peft.methods.qlora import exact_cpu_compute
 from lit_peft.export import export_checkpoint, load_checkpoint, merge_checkpoint
 from lit_peft.tasks import SequenceClassification
 
@@ -69,6 +70,9 @@ CASES = [
     # IA3 on peft's BERT defaults: key, value, and both "output.dense" layers (feed-forward: scaled on the input side)
     Case("ia3", methods.IA3, HEAD + LAYERS * (H + H + H + INTER), lr=5e-2),
     Case("loha", lambda: methods.PeftMethod("peft.LoHaConfig", {"r": R, "alpha": 8}), HEAD + QV * 4 * R * H),
+    Case("qlora", lambda: methods.QLoRA(r=R, alpha=8), HEAD + QV * 2 * R * H),
+    Case("qdora_fp4", lambda: methods.QDoRA(r=R, alpha=8, quant_type="fp4", double_quant=False),
+         HEAD + QV * (2 * R * H + H)),
 ]
 
 
@@ -195,7 +199,8 @@ def test_export_loads_with_peft(case: Case, tiny_bert, toy_data, tmp_path, tmp_p
     export_checkpoint(run.ckpts["last"], tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
+    # the base as the method loads it (4-bit for QLoRA: its adapters were trained on quantized weights)
+    base = exact_cpu_compute(AutoModelForSequenceClassification.from_pretrained(tiny_bert, **case.make().backbone_kwargs()))
     loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     assert (expected - logits(loaded, run.data)).abs().max() < 1e-4
 
