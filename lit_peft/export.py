@@ -46,6 +46,25 @@ def load_checkpoint(ckpt_path: str | Path) -> PeftTask:
     return task.eval()
 
 
+def load_adapter(folder: str | Path) -> PeftTask:
+    """Rebuild a task from a folder exported in lit-peft's own adapter format (Houlsby, SIFT,
+    RoSA): the base backbone loads again, the method is applied, the adapter state goes on top."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta_path = folder / "lit_peft_adapter.json"
+    if not meta_path.is_file():
+        hint = " (it is a PEFT adapter: load it with peft.PeftModel.from_pretrained)" if (folder / "adapter_config.json").is_file() else ""
+        raise ConfigError(f"'{folder}' holds no lit_peft_adapter.json, so it is not a lit-peft adapter folder{hint}")
+    meta = json.loads(meta_path.read_text())
+    task: PeftTask = build(meta["task"])
+    build(meta["method"]).attach(task)
+    state = load_file(str(folder / "adapter_model.safetensors"))
+    task.on_load_checkpoint({"state_dict": state})
+    task.load_state_dict(state, strict=False)
+    return task.eval()
+
+
 def _prepare(output_dir: Path) -> None:
     if output_dir.exists() and any(output_dir.iterdir()):
         raise ConfigError(f"output folder '{output_dir}' is not empty; choose a new folder so nothing is overwritten")

@@ -135,6 +135,21 @@ class Method(Callback, abc.ABC):
             "in PEFT's format; use `lit-peft merge` to save the fine-tuned model"
         )
 
+    def save_trained_state(self, task: "PeftTask", output_dir: Path) -> None:
+        """Export in lit-peft's own adapter format, for methods PEFT has no format for: the trained
+        state (``adapter_model.safetensors``) and what rebuilds the task and method
+        (``lit_peft_adapter.json``); ``lit_peft.export.load_adapter`` loads it on the base backbone."""
+        import json
+
+        from safetensors.torch import save_file
+
+        keys = task.trained_keys()
+        state = {k: v.detach().cpu().contiguous() for k, v in task.state_dict().items() if k in keys}
+        save_file(state, str(Path(output_dir) / "adapter_model.safetensors"), metadata={"format": "pt"})
+        meta = {"format": "lit-peft-adapter", "task": task.spec(), "method": self.spec(),
+                "base_model_name_or_path": task.backbone_source}
+        (Path(output_dir) / "lit_peft_adapter.json").write_text(json.dumps(meta, indent=2) + "\n")
+
     # ---- description ----------------------------------------------------------------------
     def spec(self) -> dict[str, Any]:
         """Class path and init arguments: enough to build this method again."""

@@ -55,6 +55,51 @@ def dequantize_linear4bit(module: nn.Module) -> nn.Linear:
     return linear
 
 
+def check_quant_type(quant_type: str, compute_dtype: str) -> None:
+    if quant_type not in ("nf4", "fp4"):
+        raise ConfigError(f"quant_type must be 'nf4' or 'fp4', got '{quant_type}'")
+    torch_dtype(compute_dtype)
+
+
+def quantization_kwargs(trainer: Optional[Trainer], quant_type: str, double_quant: bool,
+                        compute_dtype: str) -> dict[str, Any]:
+    """``from_pretrained`` arguments that quantize the linear layers to 4 bits while loading, on
+    the trainer's device; task and language-model heads stay in full precision."""
+    from transformers import BitsAndBytesConfig
+
+    device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                bnb_4bit_use_double_quant=double_quant,
+                                bnb_4bit_compute_dtype=torch_dtype(compute_dtype),
+                                llm_int8_skip_modules=KEEP_FULL_PRECISION)
+    return {"quantization_config": config, "device_map": {"": device}}
+
+
+def prepare_quantized(task) -> None:
+    """peft's k-bit preparation (frozen base, full-precision norms and head), exact CPU compute."""
+    from peft import prepare_model_for_kbit_training
+
+    task.backbone = exact_cpu_compute(prepare_model_for_kbit_training(task.backbone, use_gradient_checkpointing=False))
+
+
+def dequantized_twin(task, method):
+    """A new full-precision task with ``method`` applied, the dequantized 4-bit weights of ``task``
+    copied in at the same module names, and ``task``'s trained state loaded on top."""
+    import bitsandbytes as bnb
+
+    from lit_peft.tasks.base import build
+
+    twin = build(task.spec())
+    method.attach(twin)
+    quantized = dict(task.backbone.named_modules())
+    with torch.no_grad():
+        for name, module in twin.backbone.named_modules():
+            if isinstance(quantized.get(name), bnb.nn.Linear4bit):
+                module.weight.copy_(dequantize_linear4bit(quantized[name]).weight)
+    twin.load_state_dict({k: v for k, v in task.state_dict().items() if k in task.trained_keys()}, strict=False)
+    return twin
+
+
 class QLoRA(LoRA):
     """LoRA on a 4-bit quantized backbone."""
 
@@ -65,44 +110,22 @@ class QLoRA(LoRA):
                  bias: str = "none", use_dora: bool = False, quant_type: str = "nf4", double_quant: bool = True,
                  compute_dtype: str = "float32") -> None:
         super().__init__(r=r, alpha=alpha, dropout=dropout, targets=targets, bias=bias, use_dora=use_dora)
-        if quant_type not in ("nf4", "fp4"):
-            raise ConfigError(f"quant_type must be 'nf4' or 'fp4', got '{quant_type}'")
-        torch_dtype(compute_dtype)
+        check_quant_type(quant_type, compute_dtype)
         self.quant_type, self.double_quant, self.compute_dtype = quant_type, double_quant, compute_dtype
 
     def backbone_kwargs(self, trainer: Optional[Trainer] = None) -> dict[str, Any]:
-        from transformers import BitsAndBytesConfig
-
-        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.quant_type,
-                                    bnb_4bit_use_double_quant=self.double_quant,
-                                    bnb_4bit_compute_dtype=torch_dtype(self.compute_dtype),
-                                    llm_int8_skip_modules=KEEP_FULL_PRECISION)
-        return {"quantization_config": config, "device_map": {"": device}}
+        return quantization_kwargs(trainer, self.quant_type, self.double_quant, self.compute_dtype)
 
     def apply(self, task, trainer: Optional[Trainer]) -> None:
-        from peft import prepare_model_for_kbit_training
-
-        task.backbone = exact_cpu_compute(prepare_model_for_kbit_training(task.backbone, use_gradient_checkpointing=False))
+        prepare_quantized(task)
         super().apply(task, trainer)
 
     def merge(self, task) -> nn.Module:
         """A full-precision twin (same backbone, plain LoRA/DoRA) gets the dequantized base weights
         and the trained state, then peft merges it as usual."""
-        import bitsandbytes as bnb
-
-        from lit_peft.tasks.base import build
-
-        twin = build(task.spec())
-        LoRA(r=self.r, alpha=self.alpha, dropout=self.dropout, targets=self.targets, bias=self.bias,
-             use_dora=self.use_dora).attach(twin)
-        quantized = dict(task.backbone.named_modules())
-        with torch.no_grad():
-            for name, module in twin.backbone.named_modules():
-                if isinstance(quantized.get(name), bnb.nn.Linear4bit):
-                    module.weight.copy_(dequantize_linear4bit(quantized[name]).weight)
-        twin.load_state_dict({k: v for k, v in task.state_dict().items() if k in task.trained_keys()}, strict=False)
-        print(f"[lit-peft] qlora merge: dequantized the {self.quant_type} 4-bit base weights before merging")
+        twin = dequantized_twin(task, LoRA(r=self.r, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
+                                           bias=self.bias, use_dora=self.use_dora))
+        print(f"[lit-peft] {self.name} merge: dequantized the {self.quant_type} 4-bit base weights before merging")
         return twin.backbone.merge_and_unload()
 
 

@@ -130,6 +130,11 @@ class PeftTask(LightningModule, abc.ABC):
     def step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         """Loss of one batch; logs the stage's metrics."""
 
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Loss of one batch without logging: what methods that look at gradients before training
+        (SIFT's and RoSA's mask selection) differentiate."""
+        raise NotImplementedError(f"{type(self).__name__} does not define `loss(batch)`, which this method needs")
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.step(batch, "train")
         extra = self.method.regularization(self) if self.method is not None else None

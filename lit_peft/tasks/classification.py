@@ -69,6 +69,9 @@ class SequenceClassification(PeftTask):
     def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in batch.items() if k != "labels"}
 
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(self(**self._inputs(batch)).float(), batch["labels"])
+
     def step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         logits = self(**self._inputs(batch))
         loss = F.cross_entropy(logits.float(), batch["labels"])

@@ -12,6 +12,7 @@ For each row, on a tiny BERT built from a config and a toy sentiment task:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -36,6 +37,18 @@ TOTAL = EMBEDDINGS + LAYERS * LAYER + POOLER + HEAD
 R = 4
 EPOCHS, MID = 3, 24  # 256 rows in batches of 16: 16 steps an epoch; step 24 is mid-way through epoch 2
 QV = 2 * LAYERS  # adapted modules with targets=qv
+B = 8  # Houlsby bottleneck
+NORMS = (2 * LAYERS + 1) * 2 * H  # every LayerNorm's weight and bias (two per block, one in the embeddings)
+
+
+def k(out_features: int, in_features: int, density: float) -> int:
+    """Entries of a weight a sparse increment trains."""
+    return math.ceil(density * out_features * in_features)
+
+
+# SIFT on all-linear at 5%: per block q, k, v, attention out (H x H), intermediate (INTER x H), output (H x INTER); the pooler
+SIFT_K = LAYERS * (4 * k(H, H, 0.05) + 2 * k(INTER, H, 0.05)) + k(H, H, 0.05)
+ROSA_K = QV * k(H, H, 0.1)
 
 
 @dataclass
@@ -46,6 +59,8 @@ class Case:
     lr: float = 2e-2
     mergeable: bool = True
     exportable: bool = True
+    #: "peft" (loads with PeftModel.from_pretrained) or "lit-peft" (lit_peft.export.load_adapter)
+    export_format: str = "peft"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -73,6 +88,17 @@ CASES = [
     Case("qlora", lambda: methods.QLoRA(r=R, alpha=8), HEAD + QV * 2 * R * H),
     Case("qdora_fp4", lambda: methods.QDoRA(r=R, alpha=8, quant_type="fp4", double_quant=False),
          HEAD + QV * (2 * R * H + H)),
+    Case("galore", lambda: methods.GaLore(rank=8, update_proj_gap=10, scale=1.0), TOTAL, lr=3e-3, exportable=False),
+    Case("galore_adafactor_frozen_embeddings",
+         lambda: methods.GaLore(rank=8, update_proj_gap=10, scale=1.0, optimizer="adafactor", freeze=["embeddings"]),
+         TOTAL - EMBEDDINGS, lr=3e-3, exportable=False),
+    Case("houlsby", lambda: methods.Houlsby(bottleneck=B), HEAD + NORMS + 2 * LAYERS * (2 * H * B + B + H),
+         lr=1e-2, mergeable=False, export_format="lit-peft"),
+    Case("sift", lambda: methods.SIFT(density=0.05, selection_batches=4), HEAD + SIFT_K, export_format="lit-peft"),
+    Case("rosa", lambda: methods.RoSA(r=R, alpha=8, density=0.1, selection_batches=4),
+         HEAD + QV * 2 * R * H + ROSA_K, export_format="lit-peft"),
+    Case("rosa_nf4", lambda: methods.RoSA(r=R, alpha=8, density=0.1, selection_batches=4, quant_type="nf4"),
+         HEAD + QV * 2 * R * H + ROSA_K, export_format="lit-peft"),
 ]
 
 
@@ -151,9 +177,14 @@ def test_a_short_fit_lowers_the_loss(case: Case, tiny_bert, toy_data, tmp_path_f
 def test_checkpoint_holds_only_what_trained(case: Case, tiny_bert, toy_data, tmp_path_factory) -> None:
     run = trained(case, tiny_bert, toy_data, tmp_path_factory)
     ckpt = torch.load(run.ckpts["last"], map_location="cpu", weights_only=False)
-    saved = sum(v.numel() for v in ckpt["state_dict"].values())
-    assert set(ckpt["state_dict"]) == run.task.trained_keys()
-    assert saved == case.trainable
+    state = ckpt["state_dict"]
+    # sparse methods keep their chosen entries' positions next to the values: part of the trained state
+    indices = {k: v for k, v in state.items() if k.endswith("sparse_indices")}
+    assert set(state) == run.task.trained_keys()
+    assert sum(v.numel() for k, v in state.items() if k not in indices) == case.trainable
+    for key, idx in indices.items():
+        values = state[key.replace("sparse_indices", "sparse_values")]
+        assert idx.shape == values.shape and idx.unique().numel() == idx.numel()
     assert ckpt["lit_peft"]["method"]["class_path"].startswith("lit_peft.methods.")
 
 
@@ -176,7 +207,7 @@ def logits(model, data: SST2Data) -> torch.Tensor:
         return model(**inputs).logits
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [c for c in CASES if c.mergeable], ids=lambda c: c.id)
 def test_merge_gives_the_unmerged_logits(case: Case, tiny_bert, toy_data, tmp_path, tmp_path_factory) -> None:
     from transformers import AutoModelForSequenceClassification
 
@@ -189,7 +220,32 @@ def test_merge_gives_the_unmerged_logits(case: Case, tiny_bert, toy_data, tmp_pa
     assert (expected - logits(merged, run.data)).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.exportable], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [c for c in CASES if not c.mergeable], ids=lambda c: c.id)
+def test_merge_refuses_what_cannot_fold(case: Case, tiny_bert, toy_data, tmp_path, tmp_path_factory) -> None:
+    from lit_peft.errors import ConfigError
+
+    run = trained(case, tiny_bert, toy_data, tmp_path_factory)
+    with pytest.raises(ConfigError, match="cannot be merged.*lit-peft export"):
+        merge_checkpoint(run.ckpts["last"], tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.exportable and c.export_format == "lit-peft"], ids=lambda c: c.id)
+def test_export_in_lit_peft_format_reloads(case: Case, tiny_bert, toy_data, tmp_path, tmp_path_factory) -> None:
+    from safetensors.torch import load_file
+
+    from lit_peft.export import load_adapter
+
+    run = trained(case, tiny_bert, toy_data, tmp_path_factory)
+    expected = logits(load_checkpoint(run.ckpts["last"]).backbone, run.data)
+    export_checkpoint(run.ckpts["last"], tmp_path / "adapter")
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert set(saved) == run.task.trained_keys()  # the adapter, never the frozen backbone
+    loaded = load_adapter(tmp_path / "adapter")
+    assert (expected - logits(loaded.backbone, run.data)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.exportable and c.export_format == "peft"], ids=lambda c: c.id)
 def test_export_loads_with_peft(case: Case, tiny_bert, toy_data, tmp_path, tmp_path_factory) -> None:
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification

@@ -1,0 +1,136 @@
+"""GaLore (Zhao et al. 2024, arXiv 2403.03507): gradient low-rank projection, through ``galore-torch``.
+
+Every parameter trains (except modules named in ``freeze``), but the gradient of each projected
+weight matrix is projected to rank ``rank`` before the optimizer sees it, so the optimizer's
+moments are rank x n instead of m x n; the projection is refreshed from the gradient's SVD every
+``update_proj_gap`` steps and the update is scaled by ``scale`` when projected back.
+
+``targets`` picks the projected matrices: ``all`` (every 2-D weight outside the head, embeddings
+included: on MiniLM the embeddings are half the parameters), ``all-linear`` (the linear layers),
+a preset such as ``qkv``, or module names. A matrix whose smaller side is at most ``rank`` gains
+nothing and is not projected. The projectors live in the optimizer's state as galore-torch
+objects; checkpoints store them as plain fields and tensors (so they load with
+``torch.load(weights_only=True)``), and resuming rebuilds them with the moments.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch import Trainer
+from torch import nn
+
+from lightning.pytorch import LightningModule
+
+from lit_peft.errors import ConfigError
+from lit_peft.methods.base import Method, default_param_groups
+from lit_peft.methods.freeze import freeze, named_submodules, unfreeze
+from lit_peft.methods.targets import Targets, resolve_targets
+
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+
+
+class GaLore(Method):
+    """Full-parameter training with GaLore's low-rank projected optimizer states."""
+
+    name = "galore"
+
+    def __init__(self, rank: int = 64, update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std",
+                 optimizer: str = "adamw", targets: Targets = "all", freeze: Optional[list[str]] = None) -> None:
+        """
+        Args:
+            rank: rank of the projected gradients (at most a quarter of the hidden size keeps the
+                optimizer state under ~30% of AdamW's).
+            update_proj_gap: optimizer steps between refreshes of each projection.
+            scale: factor on the projected-back update.
+            proj_type: galore-torch's projection side: std, reverse_std, left, right or full.
+            optimizer: adamw, adamw8bit (bitsandbytes, CUDA only) or adafactor.
+            targets: ``all``, ``all-linear``, a preset (``qv``, ``qkv``) or module names.
+            freeze: modules that do not train at all (e.g. ``[embeddings]``).
+        """
+        super().__init__()
+        if rank < 1:
+            raise ConfigError(f"GaLore rank must be a positive integer, got {rank}")
+        if update_proj_gap < 1:
+            raise ConfigError(f"update_proj_gap must be at least 1, got {update_proj_gap}")
+        if optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown GaLore optimizer '{optimizer}'; use one of {list(OPTIMIZERS)}")
+        if proj_type not in PROJ_TYPES:
+            raise ConfigError(f"unknown proj_type '{proj_type}'; use one of {list(PROJ_TYPES)}")
+        self.rank, self.update_proj_gap, self.scale, self.proj_type = rank, update_proj_gap, scale, proj_type
+        self.optimizer, self.targets, self.freeze = optimizer, targets, list(freeze or [])
+        self.projected: set[str] = set()
+
+    def apply(self, task, trainer: Optional[Trainer]) -> None:
+        backbone = task.backbone
+        unfreeze(backbone)
+        for module in named_submodules(backbone, self.freeze):
+            freeze(module)
+        heads = tuple(task.head_modules())
+        if self.targets == "all":
+            matrices = [(n, p) for n, p in backbone.named_parameters() if p.dim() == 2 and not n.startswith(heads)]
+        else:
+            suffixes = resolve_targets(backbone, self.targets, exclude=heads)
+            layers = [n for n, _ in backbone.named_modules() if any(n == s or n.endswith("." + s) for s in suffixes)]
+            matrices = [(f"{n}.weight", backbone.get_submodule(n).weight) for n in layers]
+        prefix = self._prefix(task, backbone)
+        self.projected = {prefix + n for n, p in matrices if p.requires_grad and min(p.shape) > self.rank}
+        if not self.projected:
+            raise ConfigError(f"GaLore projects no weight: no trainable target matrix has both sides larger than rank={self.rank}")
+
+    @staticmethod
+    def _prefix(task, backbone: nn.Module) -> str:
+        return next(n for n, m in task.named_children() if m is backbone) + "."
+
+    def param_groups(self, task, lr: float, weight_decay: float,
+                     lr_multipliers: Optional[dict[str, float]] = None) -> list[dict[str, Any]]:
+        """The usual groups, each split into its projected matrices (with GaLore's settings) and the rest."""
+        names = {id(p): n for n, p in task.named_parameters()}
+        groups = []
+        for group in default_param_groups(task, lr, weight_decay, lr_multipliers):
+            projected = [p for p in group["params"] if names[id(p)] in self.projected]
+            rest = [p for p in group["params"] if names[id(p)] not in self.projected]
+            if rest:
+                groups.append({**group, "params": rest})
+            if projected:
+                groups.append({**group, "params": projected, "name": group["name"] + "+galore", "rank": self.rank,
+                               "update_proj_gap": self.update_proj_gap, "scale": self.scale, "proj_type": self.proj_type})
+        return groups
+
+    def build_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        import galore_torch
+
+        if self.optimizer == "adamw":
+            return galore_torch.GaLoreAdamW(groups, lr=groups[0]["lr"], no_deprecation_warning=True)
+        if self.optimizer == "adafactor":
+            return galore_torch.GaLoreAdafactor(groups, lr=groups[0]["lr"], relative_step=False, scale_parameter=False,
+                                                warmup_init=False)
+        if not all(p.is_cuda for g in groups for p in g["params"]):
+            raise ConfigError("GaLore's adamw8bit optimizer runs on CUDA only (galore-torch synchronises with the GPU "
+                              "each step); use optimizer: adamw or adafactor on the CPU")
+        return galore_torch.GaLoreAdamW8bit(groups, lr=groups[0]["lr"])
+
+    # ---- checkpoints: projectors as plain data -------------------------------------------------
+    PROJECTOR_FIELDS = ("rank", "update_proj_gap", "scale", "proj_type", "ortho_matrix")
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        for optimizer_state in checkpoint.get("optimizer_states", []):
+            for key, state in optimizer_state["state"].items():
+                projector = state.get("projector")
+                if projector is not None and not isinstance(projector, dict):
+                    # a new dict: the optimizer's state_dict shares its per-parameter dicts with the live state
+                    optimizer_state["state"][key] = {**state, "projector": {f: getattr(projector, f) for f in self.PROJECTOR_FIELDS}}
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        from galore_torch.galore_projector import GaLoreProjector
+
+        for optimizer_state in checkpoint.get("optimizer_states", []):
+            for state in optimizer_state["state"].values():
+                fields = state.get("projector")
+                if isinstance(fields, dict):
+                    projector = GaLoreProjector(fields["rank"], update_proj_gap=fields["update_proj_gap"],
+                                                scale=fields["scale"], proj_type=fields["proj_type"])
+                    projector.ortho_matrix = fields["ortho_matrix"]
+                    state["projector"] = projector
