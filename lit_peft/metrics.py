@@ -38,6 +38,39 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+def _tensors_in(value, seen: set[int]):
+    """Tensors reachable from an optimizer-state value (tensors, containers, objects such as GaLore's projector)."""
+    if isinstance(value, torch.Tensor):
+        if id(value) not in seen:
+            seen.add(id(value))
+            yield value
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _tensors_in(v, seen)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors_in(v, seen)
+    elif hasattr(value, "__dict__") and not isinstance(value, type):
+        yield from _tensors_in(vars(value), seen)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor an optimizer keeps per parameter (moments, projectors, quantization maps)."""
+    seen: set[int] = set()
+    return tensor_bytes(_tensors_in(list(optimizer.state.values()), seen))
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, 4-bit weights with their quantization state."""
+    total = 0
+    for p in module.parameters():
+        total += p.numel() * p.element_size()
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            total += tensor_bytes(state.as_dict(packed=True).values())
+    return total + tensor_bytes(module.buffers())
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """CUDA max allocated on a GPU; the process's peak resident set size on a CPU."""
     if device.type == "cuda":
@@ -114,6 +147,8 @@ class EfficiencyReport(Callback):
             "trainable_pct": round(100.0 * trainable / max(total, 1), 4),
             "peak_memory_mb": round(peak_memory_mb(trainer.strategy.root_device), 1),
             "adapter_mb": round(tensor_bytes(trained) / 2**20, 3),
+            "weights_mb": round(weight_bytes(pl_module) / 2**20, 3),
+            "optimizer_state_mb": round(sum(optimizer_state_bytes(o) for o in trainer.optimizers) / 2**20, 3),
             "checkpoint_mb": self.checkpoint_mb(trainer),
             "device": trainer.strategy.root_device.type,
             "precision": str(trainer.precision),
