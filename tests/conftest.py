@@ -73,3 +73,43 @@ def quiet_trainer(**kwargs):
                     enable_checkpointing=False, num_sanity_val_steps=0, deterministic=True)
     defaults.update(kwargs)
     return Trainer(**defaults)
+
+
+LLAMA_H, LLAMA_KV, LLAMA_INTER = 32, 16, 64  # hidden, key/value width (2 of 4 heads), feed-forward
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """Folder with a randomly initialised 2-layer Llama (hidden 32, grouped-query attention, tied
+    embeddings) and SmolLM2's tokenizer and chat template (the packaged GGUF, converted once)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lit_peft.backbones import resolve
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(resolve("smollm2"))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=LLAMA_H, num_hidden_layers=LAYERS, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=LLAMA_INTER, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def toy_gsm8k(tmp_path_factory) -> Path:
+    """train.jsonl (96) and test.jsonl (16) in GSM8K's layout: small sums with worked answers."""
+    import json
+
+    folder = tmp_path_factory.mktemp("toy-gsm8k")
+    rng = random.Random(3)
+    for name, n in (("train.jsonl", 96), ("test.jsonl", 16)):
+        lines = []
+        for _ in range(n):
+            a, b = rng.randint(1, 9), rng.randint(1, 9)
+            lines.append(json.dumps({"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+                                     "answer": f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"}))
+        (folder / name).write_text("\n".join(lines) + "\n")
+    return folder

@@ -5,7 +5,7 @@ Presets name the attention projections by role, so one YAML works on BERT (``que
 
 - ``qv``: query and value projections (the LoRA paper's choice)
 - ``qkv``: query, key and value projections
-- ``all-linear``: every linear layer except the task head
+- ``all-linear``: every linear layer except the task head and a language model's output layer
 
 An explicit list names modules by their last name component or a dotted suffix
 (``[query, value]``, ``[attention.output.dense]``); a name that matches nothing is an error.
@@ -27,6 +27,8 @@ ROLES = {
 PRESETS = {"qv": ("q", "v"), "qkv": ("q", "k", "v"), "all-linear": ()}
 
 Targets = Union[str, list[str]]
+#: language models' output projections (vocabulary-sized), never adapted by the all-linear preset
+OUTPUT_LAYERS = {"lm_head", "embed_out", "output_projection"}
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -49,8 +51,8 @@ def resolve_targets(model: nn.Module, targets: Targets, exclude: tuple[str, ...]
     if isinstance(targets, str):
         if targets not in PRESETS:
             raise ConfigError(f"unknown target preset '{targets}'; use one of {sorted(PRESETS)} or a list of module names")
-        if targets == "all-linear":
-            found = linear
+        if targets == "all-linear":  # as peft's own preset: never the LM's output projection
+            found = [n for n in linear if n.split(".")[-1] not in OUTPUT_LAYERS]
         else:
             wanted = set().union(*(ROLES[role] for role in PRESETS[targets]))
             found = sorted({n.split(".")[-1] for n in linear if n.split(".")[-1] in wanted})

@@ -1,0 +1,203 @@
+"""Prompt -> response data for causal language models: the base of GSM8K and summarization.
+
+A subclass turns its source into ``Record``s (prompt, response, reference, and where the record
+came from); this module formats them with the tokenizer's chat template when it has one (a plain
+``prompt\\n`` otherwise), tokenizes, and batches:
+
+- training batches: prompt + response + EOS, right-padded, with ``labels`` = -100 on the prompt
+  and the padding, so the loss covers the response only; with ``pack`` examples are concatenated
+  into ``max_length`` blocks (fewer padding tokens; attention then spans neighbouring examples);
+- evaluation batches: the same, plus the prompt alone, left-padded, for batched generation, and
+  the reference strings.
+
+A prompt that leaves no room for the response inside ``max_length`` is an error naming the record.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from lit_peft.data.text_classification import EpochShuffle, TokenizedDataset
+from lit_peft.errors import ConfigError
+
+SPLITS = ("train", "val", "test", "predict")
+
+
+@dataclass
+class Record:
+    prompt: str
+    response: str
+    reference: str  # what the metric compares a generation with (GSM8K: the final number)
+    source: str  # file:line or dataset:index, for error messages
+
+
+class PromptResponseData(LightningDataModule, abc.ABC):
+    """Batches of prompt/response pairs for a causal LM; subclasses say where records come from."""
+
+    #: the task metric this data is scored with: "exact_match" or "rouge"
+    metric = "exact_match"
+
+    def __init__(self, max_length: int = 512, max_response_length: int = 256, batch_size: int = 8,
+                 eval_batch_size: Optional[int] = None, num_workers: int = 0, limit_train_rows: Optional[int] = None,
+                 limit_eval_rows: Optional[int] = None, pack: bool = False, system_prompt: Optional[str] = None,
+                 seed: int = 42, tokenizer: Optional[str] = None) -> None:
+        """
+        Args:
+            max_length: context budget in tokens for prompt + response.
+            max_response_length: tokens kept of each training response.
+            batch_size, eval_batch_size: examples per batch (eval defaults to batch_size).
+            num_workers: dataloader workers.
+            limit_train_rows, limit_eval_rows: keep this many rows (train: a seeded random subset).
+            pack: concatenate training examples into blocks of max_length tokens.
+            system_prompt: a system message for chat templates that take one.
+            seed: for the train subset and the epoch order.
+            tokenizer: backbone whose tokenizer to use (default: the model's).
+        """
+        super().__init__()
+        if max_response_length >= max_length:
+            raise ConfigError(f"max_response_length ({max_response_length}) must be below max_length ({max_length})")
+        self.cfg = SimpleNamespace(max_length=max_length, max_response_length=max_response_length, batch_size=batch_size,
+                                   eval_batch_size=eval_batch_size or batch_size, num_workers=num_workers,
+                                   limit_train_rows=limit_train_rows, limit_eval_rows=limit_eval_rows, pack=pack,
+                                   system_prompt=system_prompt, seed=seed, tokenizer=tokenizer)
+        self.datasets: dict[str, TokenizedDataset] = {}
+        self.records: dict[str, list[Record]] = {}
+        self.tokenizer = None
+
+    @abc.abstractmethod
+    def load_split(self, split: str) -> Optional[list[Record]]:
+        """Records of ``split`` (train, val, test, predict), or ``None`` where there is none."""
+
+    # ---- formatting ---------------------------------------------------------------------------
+    def format_prompt(self, prompt: str) -> str:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            messages = ([{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else [])
+            messages.append({"role": "user", "content": prompt})
+            return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return prompt + "\n"
+
+    def encode(self, record: Record, train: bool) -> dict[str, Any]:
+        tok, h = self.tokenizer, self.cfg
+        prompt_ids = tok(self.format_prompt(record.prompt), add_special_tokens=False)["input_ids"]
+        if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False) and prompt_ids[:1] != [tok.bos_token_id]:
+            prompt_ids = [tok.bos_token_id] + prompt_ids
+        response_ids = tok(record.response, add_special_tokens=False)["input_ids"][: h.max_response_length]
+        response_ids = response_ids + [tok.eos_token_id]
+        room = h.max_length - (len(response_ids) if train else 1)
+        if len(prompt_ids) > room:
+            raise ConfigError(
+                f"{record.source}: the prompt is {len(prompt_ids)} tokens, which leaves no room for the response in "
+                f"max_length={h.max_length}; raise max_length, shorten the prompt, or drop the record"
+            )
+        ids = (prompt_ids + response_ids)[: h.max_length]
+        labels = ([-100] * len(prompt_ids) + response_ids)[: h.max_length]
+        return {"input_ids": ids, "labels": labels, "prompt_ids": prompt_ids, "reference": record.reference,
+                "prompt": record.prompt}
+
+    # ---- Lightning hooks -------------------------------------------------------------------------
+    def _tokenizer(self):
+        if self.cfg.tokenizer is not None:
+            from lit_peft.backbones import load_tokenizer
+
+            return load_tokenizer(self.cfg.tokenizer)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        tokenizer = getattr(module, "tokenizer", None)
+        if tokenizer is None:
+            raise ConfigError("the data module needs a tokenizer: set data.init_args.tokenizer to a backbone name")
+        return tokenizer
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.datasets:
+            return
+        self.tokenizer = self._tokenizer()
+        h = self.cfg
+        for split in SPLITS:
+            records = self.load_split(split)
+            if records is None:
+                continue
+            if not records:
+                raise ConfigError(f"{type(self).__name__}: the {split} split is empty")
+            if split == "train" and h.limit_train_rows is not None:
+                generator = torch.Generator().manual_seed(h.seed)
+                records = [records[i] for i in torch.randperm(len(records), generator=generator)[: h.limit_train_rows]]
+            elif split != "train" and h.limit_eval_rows is not None:
+                records = records[: h.limit_eval_rows]
+            self.records[split] = records
+            examples = [self.encode(r, train=split == "train") for r in records]
+            if split == "train" and h.pack:
+                examples = pack(examples, h.max_length)
+            self.datasets[split] = TokenizedDataset(examples)
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        if split not in self.datasets:
+            raise ConfigError(f"{type(self).__name__} has no '{split}' split")
+        h = self.cfg
+        collate = Collator(self.tokenizer.pad_token_id, with_prompts=not train)
+        if train:
+            from torchdata.stateful_dataloader import StatefulDataLoader
+
+            return StatefulDataLoader(self.datasets[split], batch_size=h.batch_size,
+                                      sampler=EpochShuffle(len(self.datasets[split]), h.seed, self._epoch),
+                                      generator=torch.Generator().manual_seed(h.seed), collate_fn=collate,
+                                      num_workers=h.num_workers)
+        return DataLoader(self.datasets[split], batch_size=h.eval_batch_size, shuffle=False, collate_fn=collate,
+                          num_workers=h.num_workers, generator=torch.Generator().manual_seed(h.seed))
+
+    def _epoch(self) -> int:
+        trainer = self.trainer
+        return trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
+
+    def train_dataloader(self):
+        return self._loader("train", train=True)
+
+    def val_dataloader(self):
+        return self._loader("val")
+
+    def test_dataloader(self):
+        return self._loader("test")
+
+    def predict_dataloader(self):
+        return self._loader("predict" if "predict" in self.datasets else "test")
+
+
+def pack(examples: list[dict[str, Any]], block: int) -> list[dict[str, Any]]:
+    """Concatenate examples' ids and labels and cut them into blocks of ``block`` tokens."""
+    ids = [t for e in examples for t in e["input_ids"]]
+    labels = [t for e in examples for t in e["labels"]]
+    return [{"input_ids": ids[i:i + block], "labels": labels[i:i + block]}
+            for i in range(0, len(ids), block) if any(t != -100 for t in labels[i:i + block])]
+
+
+class Collator:
+    """Right-padded ids/labels/mask for the loss; left-padded prompts and references for generation."""
+
+    def __init__(self, pad_id: int, with_prompts: bool) -> None:
+        self.pad_id, self.with_prompts = pad_id, with_prompts
+
+    @staticmethod
+    def _pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        return torch.tensor([([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows])
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        ids = [e["input_ids"] for e in examples]
+        batch: dict[str, Any] = {
+            "input_ids": self._pad(ids, self.pad_id),
+            "attention_mask": self._pad([[1] * len(r) for r in ids], 0),
+            "labels": self._pad([e["labels"] for e in examples], -100),
+        }
+        if self.with_prompts:
+            prompts = [e["prompt_ids"] for e in examples]
+            batch["prompt_input_ids"] = self._pad(prompts, self.pad_id, left=True)
+            batch["prompt_attention_mask"] = self._pad([[1] * len(r) for r in prompts], 0, left=True)
+            batch["references"] = [e["reference"] for e in examples]
+            batch["prompts"] = [e["prompt"] for e in examples]
+        return batch

@@ -1,0 +1,152 @@
+"""Causal language modelling: fine-tune a decoder on prompt -> response pairs, score by generation.
+
+Training minimises cross-entropy on the response tokens only (the data module masks the prompt).
+Evaluation generates greedily in batches (left-padded prompts, KV cache, ``max_new_tokens``, stop at
+EOS) and scores with the data's metric: exact match of the extracted final answer (GSM8K) or
+ROUGE-1/2/L (summarization, torchmetrics). ``test`` always generates; ``validate`` generates when
+``generate_in_validation`` (on a CPU, generation dominates the cost). ``predict`` returns the
+generations, sampled when ``do_sample``, which ``lit-peft predict`` writes to JSONL.
+
+``gradient_checkpointing`` recomputes activations in the backward pass; it works with frozen
+embeddings and adapters (the embeddings' output is made to require grad).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+import torch
+import torchmetrics
+from torch import nn
+
+from lit_peft import backbones
+from lit_peft.data.gsm8k import extract_answer
+from lit_peft.errors import ConfigError
+from lit_peft.tasks.base import PeftTask
+
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+
+
+class CausalLM(PeftTask):
+    """A decoder-only LM trained on responses and scored on what it generates."""
+
+    task_name = "causal_lm"
+    peft_task_type = "CAUSAL_LM"
+
+    def __init__(
+        self,
+        backbone: str = "smollm2",
+        dtype: str = "float32",
+        learning_rate: float = 2e-4,
+        weight_decay: float = 0.0,
+        lr_schedule: Literal["linear", "cosine", "constant"] = "cosine",
+        warmup_ratio: float = 0.03,
+        lr_multipliers: Optional[dict[str, float]] = None,
+        metric: Literal["auto", "exact_match", "rouge"] = "auto",
+        max_new_tokens: int = 256,
+        generate_in_validation: bool = False,
+        gradient_checkpointing: bool = False,
+        do_sample: bool = False,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+    ) -> None:
+        """
+        Args:
+            metric: what generations are scored with; ``auto`` takes the data module's.
+            max_new_tokens: generation budget per prompt.
+            generate_in_validation: also generate (and score) in validation, not only in test.
+            gradient_checkpointing: trade compute for activation memory.
+            do_sample, temperature, top_p: sampling for ``predict`` (evaluation is always greedy).
+        """
+        super().__init__(backbone=backbone, dtype=dtype, learning_rate=learning_rate, weight_decay=weight_decay,
+                         lr_schedule=lr_schedule, warmup_ratio=warmup_ratio, lr_multipliers=lr_multipliers)
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        self.metric_name = metric
+        self.generation = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p)
+        self.generate_in_validation, self.gradient_checkpointing = generate_in_validation, gradient_checkpointing
+        self.val_exact_match, self.test_exact_match = torchmetrics.MeanMetric(), torchmetrics.MeanMetric()
+        from torchmetrics.text.rouge import ROUGEScore
+
+        self.val_rouge, self.test_rouge = ROUGEScore(rouge_keys=ROUGE_KEYS), ROUGEScore(rouge_keys=ROUGE_KEYS)
+
+    def load_backbone(self, **kwargs: Any) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        model = backbones.load_model(self.backbone_name, AutoModelForCausalLM, dtype=self.backbone_dtype, **kwargs)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still see a grad-requiring input
+            model.config.use_cache = False
+        return model
+
+    def setup(self, stage: str) -> None:
+        if self.metric_name == "auto":
+            datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            self.metric_name = getattr(datamodule, "metric", "exact_match")
+
+    # ---- training ------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> Any:
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss
+
+    def step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        loss = self.loss(batch)
+        size = batch["input_ids"].shape[0]
+        self.log(f"{stage}_loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=size)
+        if stage == "test" or (stage == "val" and self.generate_in_validation):
+            self.score(self.generate(batch), batch["references"], stage, size)
+        return loss
+
+    # ---- generation and scoring -------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, batch: dict[str, Any], sample: bool = False) -> list[str]:
+        """Decoded continuations of the batch's left-padded prompts."""
+        g = self.generation
+        options: dict[str, Any] = dict(max_new_tokens=g["max_new_tokens"], pad_token_id=self.tokenizer.pad_token_id,
+                                       eos_token_id=self.tokenizer.eos_token_id, use_cache=True)
+        if sample and g["do_sample"]:
+            options.update(do_sample=True, temperature=g["temperature"], top_p=g["top_p"])
+        else:
+            options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        prompts = batch["prompt_input_ids"]
+        out = self.backbone.generate(input_ids=prompts, attention_mask=batch["prompt_attention_mask"], **options)
+        return self.tokenizer.batch_decode(out[:, prompts.shape[1]:], skip_special_tokens=True)
+
+    def score(self, generations: list[str], references: list[str], stage: str, size: int) -> None:
+        if self.metric_name == "exact_match":
+            metric = getattr(self, f"{stage}_exact_match")
+            hits = [float(extract_answer(g) == r) for g, r in zip(generations, references)]
+            metric.update(torch.tensor(hits, device=self.device))
+            self.log(f"{stage}_exact_match", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=size)
+        elif self.metric_name == "rouge":
+            metric = getattr(self, f"{stage}_rouge")
+            metric.update(generations, references)
+            self._rouge_stage = stage  # ROUGE's dict result is logged once, at the epoch's end
+        else:
+            raise ConfigError(f"unknown metric '{self.metric_name}'; use exact_match or rouge")
+
+    def _log_rouge(self, stage: str) -> None:
+        metric = getattr(self, f"{stage}_rouge")
+        if getattr(self, "_rouge_stage", None) == stage:
+            values = metric.compute()
+            self.log_dict({f"{stage}_{k}": values[f"{k}_fmeasure"] for k in ROUGE_KEYS}, prog_bar=True)
+            metric.reset()
+            self._rouge_stage = None
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_rouge("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_rouge("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        generations = self.generate(batch, sample=True)
+        rows: dict[str, Any] = {"prompt": batch["prompts"], "generation": generations, "reference": batch["references"]}
+        if self.metric_name in ("exact_match", "auto"):
+            rows["answer"] = [extract_answer(g) for g in generations]
+        return rows

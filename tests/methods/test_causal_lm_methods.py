@@ -1,0 +1,157 @@
+"""Every method on a causal LM: a tiny Llama (grouped-query attention, tied embeddings) built from
+a config, trained on toy GSM8K rows. For each row: exact trainable count, a short fit lowers the
+loss on the responses, resume from a mid-run checkpoint is exact, and ``merge`` loads with
+``AutoModelForCausalLM`` (``export`` with ``PeftModel`` or ``load_adapter``) with the same logits."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from conftest import LAYERS, LLAMA_H, LLAMA_INTER, LLAMA_KV, quiet_trainer
+from lit_peft import methods
+from lit_peft.data import GSM8KData
+from lit_peft.export import export_checkpoint, load_adapter, load_checkpoint, merge_checkpoint
+from lit_peft.methods.qlora import exact_cpu_compute
+from lit_peft.tasks import CausalLM
+
+H, KV, INTER, R, B = LLAMA_H, LLAMA_KV, LLAMA_INTER, 4, 8
+LORA = LAYERS * R * ((H + H) + (H + KV))  # q_proj (H->H) and v_proj (H->KV) per block
+NORMS = (2 * LAYERS + 1) * H  # RMSNorm weights: two per block and the final one
+
+
+def total(vocab: int) -> int:
+    block = H * H + 2 * H * KV + H * H + 3 * H * INTER + 2 * H  # q, k, v, o, gate/up/down, two norms
+    return vocab * H + LAYERS * block + H  # tied embeddings count once
+
+
+@dataclass
+class Case:
+    id: str
+    make: Callable[[], methods.Method]
+    trainable: Callable[[int], int]
+    lr: float = 3e-2
+    mergeable: bool = True
+    export: str = "peft"  # "peft", "lit-peft" or "none"
+
+
+CASES = [
+    Case("full", methods.FullFineTune, total, lr=1e-3, export="none"),
+    Case("lora", lambda: methods.LoRA(r=R, alpha=8), lambda v: LORA),
+    Case("dora", lambda: methods.DoRA(r=R, alpha=8), lambda v: LORA + LAYERS * (H + KV)),
+    Case("ia3", methods.IA3, lambda v: LAYERS * (KV + KV + INTER), lr=0.5),  # peft's Llama default: k, v, down_proj
+    Case("qlora", lambda: methods.QLoRA(r=R, alpha=8), lambda v: LORA),
+    Case("galore", lambda: methods.GaLore(rank=4, update_proj_gap=5, scale=1.0), total, lr=1e-2, export="none"),
+    Case("sift", lambda: methods.SIFT(density=0.05, selection_batches=2),
+         lambda v: LAYERS * (2 * math.ceil(0.05 * H * H) + 2 * math.ceil(0.05 * H * KV) + 3 * math.ceil(0.05 * H * INTER)),
+         export="lit-peft"),
+    Case("rosa", lambda: methods.RoSA(r=R, alpha=8, density=0.1, selection_batches=2),
+         lambda v: LORA + LAYERS * (math.ceil(0.1 * H * H) + math.ceil(0.1 * H * KV)), export="lit-peft"),
+    Case("houlsby", lambda: methods.Houlsby(bottleneck=B),
+         lambda v: NORMS + 2 * LAYERS * (2 * H * B + B + H), mergeable=False, export="lit-peft"),
+]
+
+
+def make_task(tiny_llama: str, case: Case) -> CausalLM:
+    return CausalLM(backbone=tiny_llama, learning_rate=case.lr, warmup_ratio=0.0, lr_schedule="linear", max_new_tokens=4)
+
+
+def make_data(toy_gsm8k, tiny_llama) -> GSM8KData:
+    return GSM8KData(data_dir=str(toy_gsm8k), val_size=16, max_length=96, max_response_length=48, batch_size=8,
+                     tokenizer=tiny_llama)
+
+
+_RUNS: dict = {}
+
+
+def trained(case: Case, tiny_llama, toy_gsm8k, tmp_path_factory):
+    """Two epochs of 10 steps, with a checkpoint at step 5 and at the end."""
+    if case.id not in _RUNS:
+        folder = tmp_path_factory.mktemp(f"lm-{case.id}")
+        task, data, method = make_task(tiny_llama, case), make_data(toy_gsm8k, tiny_llama), case.make()
+        method.attach(task)
+        before = quiet_trainer().validate(task, datamodule=data, verbose=False)[0]["val_loss"]
+        ckpts = [ModelCheckpoint(dirpath=folder, filename="{step}", every_n_train_steps=5, save_top_k=-1)]
+        quiet_trainer(max_epochs=2, callbacks=[method, *ckpts], enable_checkpointing=True).fit(task, datamodule=data)
+        after = quiet_trainer().validate(task, datamodule=data, verbose=False)[0]["val_loss"]
+        _RUNS[case.id] = (task, data, folder, before, after)
+    return _RUNS[case.id]
+
+
+def logits(model, data: GSM8KData) -> torch.Tensor:
+    batch = next(iter(data.val_dataloader()))
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_causal_lm_method_contract(case: Case, tiny_llama, toy_gsm8k, tmp_path, tmp_path_factory) -> None:
+    from transformers import AutoModelForCausalLM
+
+    task, data, folder, before, after = trained(case, tiny_llama, toy_gsm8k, tmp_path_factory)
+    vocab = task.backbone.get_input_embeddings().weight.shape[0]
+    assert sum(p.numel() for p in task.parameters() if p.requires_grad) == case.trainable(vocab)
+    assert after < before - 0.05, (before, after)
+
+    # resume from step 5 (mid-epoch) ends with the uninterrupted run's weights
+    resumed, method = make_task(tiny_llama, case), case.make()
+    quiet_trainer(max_epochs=2, callbacks=[method]).fit(resumed, datamodule=make_data(toy_gsm8k, tiny_llama),
+                                                        ckpt_path=folder / "step=5.ckpt")
+    expected = {k: v for k, v in task.state_dict().items() if k in task.trained_keys()}
+    got = {k: v for k, v in resumed.state_dict().items() if k in resumed.trained_keys()}
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+    last = folder / "step=20.ckpt"
+    reference = logits(load_checkpoint(last).backbone, data)
+    if case.mergeable:
+        merge_checkpoint(last, tmp_path / "merged")
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        assert (reference - logits(merged, data)).abs().max() < 1e-4
+    if case.export == "peft":
+        from peft import PeftModel
+
+        export_checkpoint(last, tmp_path / "adapter")
+        base = exact_cpu_compute(AutoModelForCausalLM.from_pretrained(tiny_llama, **case.make().backbone_kwargs()))
+        loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+        assert (reference - logits(loaded, data)).abs().max() < 1e-4
+    elif case.export == "lit-peft":
+        export_checkpoint(last, tmp_path / "adapter")
+        assert (reference - logits(load_adapter(tmp_path / "adapter").backbone, data)).abs().max() < 1e-5
+
+
+def test_generation_is_batched_greedy_and_scored_by_exact_match(tiny_llama, toy_gsm8k) -> None:
+    task, data = make_task(tiny_llama, CASES[1]), make_data(toy_gsm8k, tiny_llama)
+    task.configure_backbone()
+    data.setup("test")
+    batch = next(iter(data.test_dataloader()))
+    assert (batch["prompt_attention_mask"][:, -1] == 1).all()  # left padding: every prompt ends at the right edge
+    generations = task.eval().generate(batch)
+    # each generation equals the one of its prompt generated alone (padding does not leak into the result)
+    for i in (0, 3):
+        alone = {"prompt_input_ids": batch["prompt_input_ids"][i:i + 1, batch["prompt_attention_mask"][i].argmax():],
+                 "prompt_attention_mask": batch["prompt_attention_mask"][i:i + 1, batch["prompt_attention_mask"][i].argmax():]}
+        assert task.generate(alone) == generations[i:i + 1]
+    metrics = quiet_trainer().test(task, datamodule=data, verbose=False)[0]
+    assert 0.0 <= metrics["test_exact_match"] <= 1.0 and "test_loss" in metrics
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama, toy_gsm8k) -> None:
+    grads = []
+    for checkpointing in (False, True):
+        task = CausalLM(backbone=tiny_llama, gradient_checkpointing=checkpointing)
+        torch.manual_seed(0)  # the same LoRA initialisation both times
+        methods.LoRA(r=R, alpha=8, dropout=0.0).attach(task)  # frozen embeddings, adapters inside checkpointed blocks
+        data = make_data(toy_gsm8k, tiny_llama)
+        data.setup("fit")
+        task.train().loss(next(iter(data.train_dataloader()))).backward()
+        grads.append({n: p.grad.clone() for n, p in task.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and all(g is not None for g in grads[1].values())
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
