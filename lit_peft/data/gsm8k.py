@@ -127,6 +127,9 @@ class GSM8KData(PromptResponseData):
         if split == "predict":
             return None
         rows = self._rows("test" if split == "test" else "train")
+        if split != "test" and self.val_size >= len(rows):
+            raise ConfigError(f"val_size={self.val_size} leaves no training rows (the train split has {len(rows)}); "
+                              "lower val_size")
         if split == "train":
             rows = rows[: max(len(rows) - self.val_size, 0)]
         elif split == "val":

