@@ -10,7 +10,8 @@ came from); this module formats them with the tokenizer's chat template when it 
 - evaluation batches: the same, plus the prompt alone, left-padded, for batched generation, and
   the reference strings.
 
-A prompt that leaves no room for the response inside ``max_length`` is an error naming the record.
+A prompt that leaves no room for the response inside ``max_length`` is an error naming the record;
+a response that does not fit is cut (and counted in a message).
 """
 
 from __future__ import annotations
@@ -91,12 +92,13 @@ class PromptResponseData(LightningDataModule, abc.ABC):
             prompt_ids = [tok.bos_token_id] + prompt_ids
         response_ids = tok(record.response, add_special_tokens=False)["input_ids"][: h.max_response_length]
         response_ids = response_ids + [tok.eos_token_id]
-        room = h.max_length - (len(response_ids) if train else 1)
-        if len(prompt_ids) > room:
+        if len(prompt_ids) >= h.max_length:
             raise ConfigError(
                 f"{record.source}: the prompt is {len(prompt_ids)} tokens, which leaves no room for the response in "
                 f"max_length={h.max_length}; raise max_length, shorten the prompt, or drop the record"
             )
+        if len(prompt_ids) + len(response_ids) > h.max_length:
+            self.truncated += 1  # the response's end is cut to fit the context
         ids = (prompt_ids + response_ids)[: h.max_length]
         labels = ([-100] * len(prompt_ids) + response_ids)[: h.max_length]
         return {"input_ids": ids, "labels": labels, "prompt_ids": prompt_ids, "reference": record.reference,
@@ -119,6 +121,7 @@ class PromptResponseData(LightningDataModule, abc.ABC):
             return
         self.tokenizer = self._tokenizer()
         h = self.cfg
+        self.truncated = 0
         for split in SPLITS:
             records = self.load_split(split)
             if records is None:
@@ -135,6 +138,9 @@ class PromptResponseData(LightningDataModule, abc.ABC):
             if split == "train" and h.pack:
                 examples = pack(examples, h.max_length)
             self.datasets[split] = TokenizedDataset(examples)
+        if self.truncated:
+            print(f"[lit-peft] {self.truncated} response(s) cut at max_length={h.max_length} or "
+                  f"max_response_length={h.max_response_length} tokens")
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         if split not in self.datasets:

@@ -87,8 +87,8 @@ def test_an_empty_file_and_a_missing_folder_are_named(tmp_path, tiny_llama) -> N
 
 
 def test_a_prompt_longer_than_the_context_is_named(toy_gsm8k, tiny_llama) -> None:
-    with pytest.raises(ConfigError, match=r"train.jsonl:\d+: the prompt is \d+ tokens.*max_length=64"):
-        GSM8KData(data_dir=str(toy_gsm8k), val_size=4, max_length=64, max_response_length=16,
+    with pytest.raises(ConfigError, match=r"train.jsonl:\d+: the prompt is \d+ tokens.*max_length=48"):
+        GSM8KData(data_dir=str(toy_gsm8k), val_size=4, max_length=48, max_response_length=16,
                   tokenizer=tiny_llama).setup("fit")
     with pytest.raises(ConfigError, match="val_size=200 leaves no training rows"):
         GSM8KData(data_dir=str(toy_gsm8k), tokenizer=tiny_llama).setup("fit")
