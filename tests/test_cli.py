@@ -192,3 +192,32 @@ def test_label_outside_num_labels_names_the_row(tiny_bert, toy_data, tmp_path) -
     assert result.returncode == 2
     assert "train.tsv:6: label 3 is outside the model's num_labels=2" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_causal_lm_fit_test_and_predict_from_the_command_line(tiny_llama, toy_gsm8k, tmp_path) -> None:
+    config = {
+        "seed_everything": 3,
+        "model": {"class_path": "lit_peft.tasks.CausalLM",
+                  "init_args": {"backbone": tiny_llama, "learning_rate": 1e-2, "max_new_tokens": 6,
+                                "do_sample": True, "temperature": 1.0}},
+        "data": {"class_path": "lit_peft.data.GSM8KData",
+                 "init_args": {"data_dir": str(toy_gsm8k), "val_size": 8, "max_length": 96, "batch_size": 8,
+                               "limit_eval_rows": 8}},
+        "method": {"class_path": "lit_peft.methods.LoRA", "init_args": {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}},
+        "trainer": {"max_steps": 3, "accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False,
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                               "init_args": {"save_dir": str(tmp_path / "runs"), "name": "gsm"}}},
+    }
+    path = tmp_path / "gsm.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli("fit", "--config", str(path))
+    run = tmp_path / "runs" / "gsm" / "version_0"
+    ckpt = next((run / "checkpoints").glob("*.ckpt"))
+    cli("test", "--config", str(path), "--ckpt_path", str(ckpt))
+    tested = json.loads((tmp_path / "runs" / "gsm" / "version_1" / "summary.json").read_text())
+    assert 0.0 <= tested["test_exact_match"] <= 1.0 and tested["method"] == "lora" and tested["task"] == "causal_lm"
+    cli("predict", "--config", str(path), "--ckpt_path", str(ckpt), "--predictions.path", str(tmp_path / "gen.jsonl"))
+    rows = [json.loads(line) for line in (tmp_path / "gen.jsonl").read_text().splitlines()]
+    assert len(rows) == 8  # the test split (limit_eval_rows of it): predict falls back to it
+    assert set(rows[0]) == {"prompt", "generation", "reference", "answer"}
+    assert rows[0]["prompt"].startswith("Solve the math problem") and rows[0]["reference"].isdigit()

@@ -62,8 +62,8 @@ class PromptResponseData(LightningDataModule, abc.ABC):
             tokenizer: backbone whose tokenizer to use (default: the model's).
         """
         super().__init__()
-        if max_response_length >= max_length:
-            raise ConfigError(f"max_response_length ({max_response_length}) must be below max_length ({max_length})")
+        if max_length < 2 or max_response_length < 1:
+            raise ConfigError(f"max_length ({max_length}) and max_response_length ({max_response_length}) must be positive")
         self.cfg = SimpleNamespace(max_length=max_length, max_response_length=max_response_length, batch_size=batch_size,
                                    eval_batch_size=eval_batch_size or batch_size, num_workers=num_workers,
                                    limit_train_rows=limit_train_rows, limit_eval_rows=limit_eval_rows, pack=pack,
