@@ -42,7 +42,6 @@ STEPS = 3
 def measure(name: str, data_dir: str, accelerator: str) -> dict:
     """Run in a fresh process: three steps of ``name``, then the byte counts."""
     import bitsandbytes as bnb
-    import torch
     from lightning.pytorch import Callback, Trainer, seed_everything
 
     from lit_peft import methods

@@ -22,10 +22,8 @@ from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
 
-from lit_peft.data.text_classification import EpochShuffle, TokenizedDataset
+from lit_peft.data.base import TokenizedDataModule, TokenizedDataset
 from lit_peft.errors import ConfigError
 
 SPLITS = ("train", "val", "test", "predict")
@@ -39,7 +37,7 @@ class Record:
     source: str  # file:line or dataset:index, for error messages
 
 
-class PromptResponseData(LightningDataModule, abc.ABC):
+class PromptResponseData(TokenizedDataModule, abc.ABC):
     """Batches of prompt/response pairs for a causal LM; subclasses say where records come from."""
 
     #: the task metric this data is scored with: "exact_match" or "rouge"
@@ -105,17 +103,6 @@ class PromptResponseData(LightningDataModule, abc.ABC):
                 "prompt": record.prompt}
 
     # ---- Lightning hooks -------------------------------------------------------------------------
-    def _tokenizer(self):
-        if self.cfg.tokenizer is not None:
-            from lit_peft.backbones import load_tokenizer
-
-            return load_tokenizer(self.cfg.tokenizer)
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        tokenizer = getattr(module, "tokenizer", None)
-        if tokenizer is None:
-            raise ConfigError("the data module needs a tokenizer: set data.init_args.tokenizer to a backbone name")
-        return tokenizer
-
     def setup(self, stage: Optional[str] = None) -> None:
         if self.datasets:
             return
@@ -142,33 +129,8 @@ class PromptResponseData(LightningDataModule, abc.ABC):
             print(f"[lit-peft] {self.truncated} response(s) cut at max_length={h.max_length} or "
                   f"max_response_length={h.max_response_length} tokens")
 
-    def _loader(self, split: str, train: bool = False) -> DataLoader:
-        if split not in self.datasets:
-            raise ConfigError(f"{type(self).__name__} has no '{split}' split")
-        h = self.cfg
-        collate = Collator(self.tokenizer.pad_token_id, with_prompts=not train)
-        if train:
-            from torchdata.stateful_dataloader import StatefulDataLoader
-
-            return StatefulDataLoader(self.datasets[split], batch_size=h.batch_size,
-                                      sampler=EpochShuffle(len(self.datasets[split]), h.seed, self._epoch),
-                                      generator=torch.Generator().manual_seed(h.seed), collate_fn=collate,
-                                      num_workers=h.num_workers)
-        return DataLoader(self.datasets[split], batch_size=h.eval_batch_size, shuffle=False, collate_fn=collate,
-                          num_workers=h.num_workers, generator=torch.Generator().manual_seed(h.seed))
-
-    def _epoch(self) -> int:
-        trainer = self.trainer
-        return trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
-
-    def train_dataloader(self):
-        return self._loader("train", train=True)
-
-    def val_dataloader(self):
-        return self._loader("val")
-
-    def test_dataloader(self):
-        return self._loader("test")
+    def collate_fn(self, train: bool) -> "Collator":
+        return Collator(self.tokenizer.pad_token_id, with_prompts=not train)
 
     def predict_dataloader(self):
         return self._loader("predict" if "predict" in self.datasets else "test")

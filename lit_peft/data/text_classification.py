@@ -18,12 +18,9 @@ import random
 from dataclasses import dataclass
 from types import SimpleNamespace
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-import torch
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Sampler
-
+from lit_peft.data.base import EpochShuffle, TokenizedDataModule, TokenizedDataset  # noqa: F401 (re-exported)
 from lit_peft.errors import ConfigError
 
 
@@ -96,43 +93,7 @@ def to_examples(rows: Sequence[tuple[int, dict[str, Any]]], source: str, text_co
     return examples
 
 
-class TokenizedDataset(Dataset):
-    def __init__(self, encodings: list[dict[str, Any]]) -> None:
-        self.encodings = encodings
-
-    def __len__(self) -> int:
-        return len(self.encodings)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.encodings[i]
-
-
-class EpochShuffle(Sampler[int]):
-    """A fresh permutation each epoch, drawn from (seed, epoch) alone.
-
-    No epoch's order depends on what was drawn before, and iterating draws nothing from the global
-    random stream, so a resumed run (the loader fast-forwards through the epoch's first batches)
-    sees the order an uninterrupted one would. The epoch is read from ``epoch_fn`` (the trainer's
-    count of processed epochs) when the permutation is drawn: a resumed Lightning run creates its first iterator
-    before it calls ``set_epoch``.
-    """
-
-    def __init__(self, size: int, seed: int, epoch_fn: Optional[Callable[[], int]] = None) -> None:
-        self.size, self.seed, self.epoch, self.epoch_fn = size, seed, 0, epoch_fn
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        epoch = self.epoch_fn() if self.epoch_fn is not None else self.epoch
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.size
-
-
-class TextClassificationData(LightningDataModule):
+class TextClassificationData(TokenizedDataModule):
     """Your own labelled text files.
 
     Give ``train_file`` and optionally ``val_file`` / ``test_file`` / ``predict_file`` (.csv, .tsv,
@@ -235,47 +196,8 @@ class TextClassificationData(LightningDataModule):
                  for i, e in enumerate(rows)])
         self.collate = _collator(tokenizer)
 
-    def _tokenizer(self):
-        if self.cfg.tokenizer is not None:
-            from lit_peft.backbones import load_tokenizer
-
-            return load_tokenizer(self.cfg.tokenizer)
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        tokenizer = getattr(module, "tokenizer", None)
-        if tokenizer is None:
-            raise ConfigError("the data module needs a tokenizer: set data.init_args.tokenizer to a backbone name")
-        return tokenizer
-
-    def _loader(self, split: str, train: bool = False):
-        if split not in self.datasets:
-            raise ConfigError(f"{type(self).__name__} has no '{split}' split; give the file for it")
-        h = self.cfg
-        if train:
-            from torchdata.stateful_dataloader import StatefulDataLoader
-
-            return StatefulDataLoader(self.datasets[split], batch_size=h.batch_size,
-                                      sampler=EpochShuffle(len(self.datasets[split]), h.seed, self._epoch),
-                                      generator=torch.Generator().manual_seed(h.seed),
-                                      collate_fn=self.collate, num_workers=h.num_workers)
-        # a generator of its own, so iterating does not draw from the global random stream (exact resume)
-        return DataLoader(self.datasets[split], batch_size=h.eval_batch_size or h.batch_size, shuffle=False,
-                          collate_fn=self.collate, num_workers=h.num_workers, generator=torch.Generator().manual_seed(h.seed))
-
-    def _epoch(self) -> int:
-        # the value Lightning gives set_epoch, read when the permutation is drawn
-        return self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
-
-    def train_dataloader(self):
-        return self._loader("train", train=True)
-
-    def val_dataloader(self):
-        return self._loader("val")
-
-    def test_dataloader(self):
-        return self._loader("test")
-
-    def predict_dataloader(self):
-        return self._loader("predict")
+    def collate_fn(self, train: bool):
+        return self.collate
 
 
 def _collator(tokenizer):

@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from conftest import needs_shared
 from lit_peft.data import GSM8KData, SummarizationData
 from lit_peft.data.gsm8k import extract_answer, strip_calculator
 from lit_peft.data.prompts import pack

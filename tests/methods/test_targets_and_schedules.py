@@ -4,7 +4,6 @@ rank budget really shrinks to target_r on the trainer's steps; schedules have th
 from __future__ import annotations
 
 import pytest
-import torch
 
 from conftest import quiet_trainer
 from lit_peft import methods
