@@ -42,7 +42,14 @@ class Case:
 
 CASES = [
     Case("full", methods.FullFineTune, total, lr=1e-3, export="none"),
+    Case("partial", lambda: methods.PartialFineTune(last_n_blocks=1), lambda v: (total(v) - v * H - H) // LAYERS,
+         lr=1e-3, export="none"),
     Case("lora", lambda: methods.LoRA(r=R, alpha=8), lambda v: LORA),
+    Case("rslora", lambda: methods.RsLoRA(r=R, alpha=8), lambda v: LORA),
+    Case("pissa", lambda: methods.PiSSA(r=R, alpha=R), lambda v: LORA),
+    Case("adalora", lambda: methods.AdaLoRA(init_r=R, target_r=2, alpha=8, tinit=4, tfinal=4, delta_t=2),
+         lambda v: LORA + LAYERS * 2 * R),
+    Case("loha", lambda: methods.PeftMethod("peft.LoHaConfig", {"r": R, "alpha": 8}), lambda v: 2 * LORA),
     Case("dora", lambda: methods.DoRA(r=R, alpha=8), lambda v: LORA + LAYERS * (H + KV)),
     Case("ia3", methods.IA3, lambda v: LAYERS * (KV + KV + INTER), lr=0.5),  # peft's Llama default: k, v, down_proj
     Case("qlora", lambda: methods.QLoRA(r=R, alpha=8), lambda v: LORA),
@@ -124,6 +131,13 @@ def test_causal_lm_method_contract(case: Case, tiny_llama, toy_gsm8k, tmp_path, 
     elif case.export == "lit-peft":
         export_checkpoint(last, tmp_path / "adapter")
         assert (reference - logits(load_adapter(tmp_path / "adapter").backbone, data)).abs().max() < 1e-5
+
+
+def test_linear_probing_a_causal_lm_is_refused_clearly(tiny_llama) -> None:
+    from lit_peft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="method 'linear_probe' left no parameter to train"):
+        methods.LinearProbe().attach(CausalLM(backbone=tiny_llama))
 
 
 def test_generation_is_batched_greedy_and_scored_by_exact_match(tiny_llama, toy_gsm8k) -> None:
