@@ -186,7 +186,8 @@ class EfficiencyReport(Callback):
 
 
 def format_summary(summary: dict[str, Any], path: Path) -> str:
-    keys = [k for k in ("val_acc", "test_acc", "val_loss", "test_loss") if k in summary]
+    keys = [k for stage in ("val", "test") for k in (f"{stage}_acc", f"{stage}_exact_match", f"{stage}_rougeL",
+                                                       f"{stage}_loss") if k in summary]
     parts = [f"{k}={summary[k]:.4f}" for k in keys]
     parts.append(f"trainable={summary['trainable_params']:,} ({summary['trainable_pct']:.2f}%)")
     if summary.get("train_time_s") is not None:

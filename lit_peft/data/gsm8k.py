@@ -11,7 +11,6 @@ from a generation and falls back to its last number; exact match compares normal
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Literal, Optional
@@ -58,7 +57,7 @@ class GSM8KData(PromptResponseData):
                  max_length: int = 512, max_response_length: int = 256, batch_size: int = 8,
                  eval_batch_size: Optional[int] = None, num_workers: int = 0, limit_train_rows: Optional[int] = None,
                  limit_eval_rows: Optional[int] = None, pack: bool = False, system_prompt: Optional[str] = None,
-                 seed: int = 42, tokenizer: Optional[str] = None) -> None:
+                 seed: int = 42, tokenizer: Optional[str] = None, predict_file: Optional[str] = None) -> None:
         """
         Args:
             data_dir: folder with train.jsonl and test.jsonl; ``None`` reads ``openai/gsm8k`` from the hub.
@@ -70,7 +69,9 @@ class GSM8KData(PromptResponseData):
         super().__init__(max_length=max_length, max_response_length=max_response_length, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, num_workers=num_workers, limit_train_rows=limit_train_rows,
                          limit_eval_rows=limit_eval_rows, pack=pack, system_prompt=system_prompt, seed=seed,
-                         tokenizer=tokenizer)
+                         tokenizer=tokenizer, predict_file=predict_file)
+        if val_size < 1:
+            raise ConfigError(f"val_size={val_size}: fit validates on rows held out of the train split; give at least 1")
         if data_dir is not None and source == "gsm8k" and not Path(data_dir).is_dir():
             raise ConfigError(f"GSM8K folder '{data_dir}' does not exist; give a folder with train.jsonl and test.jsonl, "
                               "or leave data_dir empty to read openai/gsm8k from the hub")
@@ -83,57 +84,67 @@ class GSM8KData(PromptResponseData):
         if split in self._raw:
             return self._raw[split]
         if self.source == "gsm_symbolic":
-            import reasoning_gym
-
-            seed = self.cfg.seed + (0 if split == "train" else 1)
-            dataset = reasoning_gym.create_dataset("gsm_symbolic", size=self.symbolic_size, seed=seed)
-            rows = [({"question": x["question"],
-                      "answer": f"{x['metadata'].get('answer_cot', '').strip()}\n#### {x['answer']}".strip()},
-                     f"gsm_symbolic[{split}:{i}]") for i, x in enumerate(dataset)]
+            rows = self._symbolic(split)
         elif self.data_dir is None:
-            from datasets import load_dataset
+            try:
+                from datasets import load_dataset
 
-            data = load_dataset("openai/gsm8k", "main", split=split)
+                data = load_dataset("openai/gsm8k", "main", split=split)
+            except Exception as err:  # offline, or the hub refused: say what to do instead
+                raise ConfigError(f"could not read openai/gsm8k from the hub ({type(err).__name__}: {err}); give "
+                                  "data_dir, a folder with train.jsonl and test.jsonl") from err
             rows = [(dict(x), f"openai/gsm8k[{split}:{i}]") for i, x in enumerate(data)]
         else:
+            from lit_peft.data.text_classification import read_rows
+
             path = Path(self.data_dir) / f"{split}.jsonl"
             if not path.is_file():
                 raise ConfigError(f"'{path}' does not exist: GSM8K folders hold train.jsonl and test.jsonl")
-            rows = []
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-                if line.strip():
-                    try:
-                        rows.append((json.loads(line), f"{path}:{n}"))
-                    except json.JSONDecodeError as err:
-                        raise ConfigError(f"{path}:{n}: not valid JSON ({err.msg})") from err
+            rows = [(row, f"{path}:{n}") for n, row in read_rows(path)]
             if not rows:
                 raise ConfigError(f"'{path}' is empty")
         self._raw[split] = rows
         return rows
 
-    def to_record(self, row: dict, where: str) -> Record:
-        for key in ("question", "answer"):
-            if not isinstance(row.get(key), str) or not row[key].strip():
-                raise ConfigError(f"{where}: the record has no '{key}' field (GSM8K records need 'question' and 'answer')")
-        answer = strip_calculator(row["answer"]).strip()
+    def _symbolic(self, split: str) -> list[tuple[dict, str]]:
+        """reasoning-gym problems; problem i comes from seed + i, so the test split starts past the train's seeds."""
+        try:
+            import reasoning_gym
+        except ImportError as err:
+            raise ConfigError("source 'gsm_symbolic' needs reasoning-gym: pip install reasoning-gym") from err
+        seed = self.cfg.seed + (0 if split == "train" else self.symbolic_size)
+        rows = []
+        for i, x in enumerate(reasoning_gym.create_dataset("gsm_symbolic", size=self.symbolic_size, seed=seed)):
+            solution = str(x["metadata"].get("answer_cot", "")).strip()
+            if not FINAL.search(solution):  # some generators end their solution with '#### N', others do not
+                solution = f"{solution}\n#### {x['answer']}".strip()
+            rows.append(({"question": x["question"], "answer": solution}, f"gsm_symbolic[{split}:{i}]"))
+        return rows
+
+    def to_record(self, row: dict, where: str, labelled: bool = True) -> Record:
+        question, answer = row.get("question"), row.get("answer")
+        if not isinstance(question, str) or not question.strip():
+            raise ConfigError(f"{where}: the record has no 'question' text (GSM8K records need 'question' and 'answer')")
+        if not labelled and answer is None:
+            return Record(prompt=INSTRUCTION + question.strip(), response="", reference="", source=where)
+        if not isinstance(answer, str) or not answer.strip():
+            problem = "has no 'answer' field" if answer is None else f"has an 'answer' that is not text ({answer!r})"
+            raise ConfigError(f"{where}: the record {problem}; GSM8K answers are text ending in '#### <number>'")
+        answer = strip_calculator(answer).strip()
         final = FINAL.search(answer)
         if final is None:
             raise ConfigError(f"{where}: the answer has no final '#### <number>' line")
         reference = normalize_number(final.group(1))
         response = answer if self.with_solution else f"#### {reference}"
-        return Record(prompt=INSTRUCTION + row["question"].strip(), response=response, reference=reference, source=where)
+        return Record(prompt=INSTRUCTION + question.strip(), response=response, reference=reference, source=where)
 
-    def load_split(self, split: str) -> Optional[list[Record]]:
-        if split == "predict":
-            return None
+    def split_rows(self, split: str) -> Optional[list[tuple[dict, str]]]:
         rows = self._rows("test" if split == "test" else "train")
         if split != "test" and self.val_size >= len(rows):
             raise ConfigError(f"val_size={self.val_size} leaves no training rows (the train split has {len(rows)}); "
                               "lower val_size")
         if split == "train":
-            rows = rows[: max(len(rows) - self.val_size, 0)]
-        elif split == "val":
-            rows = rows[len(rows) - self.val_size:] if self.val_size else []
-            if not rows:
-                return None
-        return [self.to_record(row, where) for row, where in rows]
+            return rows[: len(rows) - self.val_size]
+        if split == "val":
+            return rows[len(rows) - self.val_size:] if self.val_size else None
+        return rows

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
 
@@ -46,7 +47,7 @@ class PromptResponseData(TokenizedDataModule, abc.ABC):
     def __init__(self, max_length: int = 512, max_response_length: int = 256, batch_size: int = 8,
                  eval_batch_size: Optional[int] = None, num_workers: int = 0, limit_train_rows: Optional[int] = None,
                  limit_eval_rows: Optional[int] = None, pack: bool = False, system_prompt: Optional[str] = None,
-                 seed: int = 42, tokenizer: Optional[str] = None) -> None:
+                 seed: int = 42, tokenizer: Optional[str] = None, predict_file: Optional[str] = None) -> None:
         """
         Args:
             max_length: context budget in tokens for prompt + response.
@@ -58,6 +59,8 @@ class PromptResponseData(TokenizedDataModule, abc.ABC):
             system_prompt: a system message for chat templates that take one.
             seed: for the train subset and the epoch order.
             tokenizer: backbone whose tokenizer to use (default: the model's).
+            predict_file: JSONL / CSV / TSV rows for ``predict`` (the prompt's fields; answers optional);
+                without it ``predict`` generates for the test split.
         """
         super().__init__()
         if max_length < 2 or max_response_length < 1:
@@ -68,11 +71,56 @@ class PromptResponseData(TokenizedDataModule, abc.ABC):
                                    system_prompt=system_prompt, seed=seed, tokenizer=tokenizer)
         self.datasets: dict[str, TokenizedDataset] = {}
         self.records: dict[str, list[Record]] = {}
+        self.absent: set[str] = set()  # splits the source does not have
         self.tokenizer = None
+        if predict_file is not None and not Path(predict_file).is_file():
+            raise ConfigError(f"predict_file '{predict_file}' does not exist")
+        self.predict_file = predict_file
 
     @abc.abstractmethod
+    def split_rows(self, split: str) -> Optional[list[tuple[dict, str]]]:
+        """(row, where) pairs of ``split`` (train, val, test), or ``None`` where the source has none."""
+
+    @abc.abstractmethod
+    def to_record(self, row: dict, where: str, labelled: bool = True) -> Optional[Record]:
+        """The row as a Record (``None`` skips it, counted); ``labelled=False`` (predict) lets the
+        response be absent."""
+
+    def predict_rows(self) -> Optional[list[tuple[dict, str]]]:
+        """Rows of ``predict_file`` (no responses needed); without one, predict uses the test split."""
+        if self.predict_file is None:
+            return None
+        from lit_peft.data.text_classification import read_rows
+
+        return [(row, f"{self.predict_file}:{line}") for line, row in read_rows(self.predict_file)]
+
     def load_split(self, split: str) -> Optional[list[Record]]:
-        """Records of ``split`` (train, val, test, predict), or ``None`` where there is none."""
+        """Records of ``split``: row limits first (so a large source is not tokenized whole), then checks."""
+        h = self.cfg
+        rows = self.predict_rows() if split == "predict" else self.split_rows(split)
+        if rows is None:
+            return None
+        if not rows:
+            raise ConfigError(f"{type(self).__name__}: the {split} split is empty")
+        if split == "train" and h.limit_train_rows is not None:
+            generator = torch.Generator().manual_seed(h.seed)
+            rows = [rows[i] for i in torch.randperm(len(rows), generator=generator)[: h.limit_train_rows]]
+        elif split != "train" and h.limit_eval_rows is not None:
+            rows = rows[: h.limit_eval_rows]
+        records, skipped = [], 0
+        for row, where in rows:
+            if not isinstance(row, dict):
+                raise ConfigError(f"{where}: a record must be an object with named fields, not {type(row).__name__}")
+            record = self.to_record(row, where, labelled=split != "predict")
+            if record is None:
+                skipped += 1
+            else:
+                records.append(record)
+        if skipped:
+            print(f"[lit-peft] {split}: skipped {skipped} record(s) with nothing to learn or score")
+        if not records:
+            raise ConfigError(f"{type(self).__name__}: the {split} split has no usable records")
+        return records
 
     # ---- formatting ---------------------------------------------------------------------------
     def format_prompt(self, prompt: str) -> str:
@@ -104,22 +152,20 @@ class PromptResponseData(TokenizedDataModule, abc.ABC):
 
     # ---- Lightning hooks -------------------------------------------------------------------------
     def setup(self, stage: Optional[str] = None) -> None:
-        if self.datasets:
-            return
-        self.tokenizer = self._tokenizer()
+        """Tokenize the splits the stage uses (all without a stage), each once."""
+        if self.tokenizer is None:
+            self.tokenizer = self._tokenizer()
         h = self.cfg
         self.truncated = 0
-        for split in SPLITS:
+        needs = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",),
+                 "predict": ("predict",) if self.predict_file else ("test",)}.get(stage or "", SPLITS)
+        for split in needs:
+            if split in self.datasets or split in self.absent:
+                continue
             records = self.load_split(split)
             if records is None:
+                self.absent.add(split)
                 continue
-            if not records:
-                raise ConfigError(f"{type(self).__name__}: the {split} split is empty")
-            if split == "train" and h.limit_train_rows is not None:
-                generator = torch.Generator().manual_seed(h.seed)
-                records = [records[i] for i in torch.randperm(len(records), generator=generator)[: h.limit_train_rows]]
-            elif split != "train" and h.limit_eval_rows is not None:
-                records = records[: h.limit_eval_rows]
             self.records[split] = records
             examples = [self.encode(r, train=split == "train") for r in records]
             if split == "train" and h.pack:

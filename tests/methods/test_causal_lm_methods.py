@@ -52,7 +52,9 @@ CASES = [
     Case("loha", lambda: methods.PeftMethod("peft.LoHaConfig", {"r": R, "alpha": 8}), lambda v: 2 * LORA),
     Case("dora", lambda: methods.DoRA(r=R, alpha=8), lambda v: LORA + LAYERS * (H + KV)),
     Case("ia3", methods.IA3, lambda v: LAYERS * (KV + KV + INTER), lr=0.5),  # peft's Llama default: k, v, down_proj
+    Case("olora", lambda: methods.OLoRA(r=R, alpha=8), lambda v: LORA),
     Case("qlora", lambda: methods.QLoRA(r=R, alpha=8), lambda v: LORA),
+    Case("qdora", lambda: methods.QDoRA(r=R, alpha=8), lambda v: LORA + LAYERS * (H + KV)),
     Case("galore", lambda: methods.GaLore(rank=4, update_proj_gap=5, scale=1.0), total, lr=1e-2, export="none"),
     Case("sift", lambda: methods.SIFT(density=0.05, selection_batches=2),
          lambda v: LAYERS * (2 * math.ceil(0.05 * H * H) + 2 * math.ceil(0.05 * H * KV) + 3 * math.ceil(0.05 * H * INTER)),
@@ -156,16 +158,47 @@ def test_generation_is_batched_greedy_and_scored_by_exact_match(tiny_llama, toy_
     assert 0.0 <= metrics["test_exact_match"] <= 1.0 and "test_loss" in metrics
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama, toy_gsm8k) -> None:
+@pytest.mark.parametrize("make", [
+    lambda: methods.LoRA(r=R, alpha=8, dropout=0.0),
+    lambda: methods.QLoRA(r=R, alpha=8, dropout=0.0),
+    lambda: methods.IA3(),
+    lambda: methods.Houlsby(bottleneck=B),
+], ids=["lora", "qlora", "ia3", "houlsby"])
+def test_gradient_checkpointing_gives_the_same_gradients(make, tiny_llama, toy_gsm8k) -> None:
     grads = []
     for checkpointing in (False, True):
         task = CausalLM(backbone=tiny_llama, gradient_checkpointing=checkpointing)
-        torch.manual_seed(0)  # the same LoRA initialisation both times
-        methods.LoRA(r=R, alpha=8, dropout=0.0).attach(task)  # frozen embeddings, adapters inside checkpointed blocks
+        torch.manual_seed(0)  # the same adapter initialisation both times
+        make().attach(task)  # frozen embeddings, adapters inside checkpointed blocks
+        if isinstance(task.method, methods.Houlsby):  # its up-projections start at 0: give every weight a gradient
+            with torch.no_grad():
+                for name, p in task.named_parameters():
+                    if p.requires_grad and "up" in name:
+                        p.normal_(0, 0.02)
         data = make_data(toy_gsm8k, tiny_llama)
         data.setup("fit")
         task.train().loss(next(iter(data.train_dataloader()))).backward()
         grads.append({n: p.grad.clone() for n, p in task.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys() and all(g is not None for g in grads[1].values())
+    assert any(g.abs().sum() > 0 for g in grads[1].values())
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_eva_initializes_a_from_the_activations_of_training_batches(tiny_llama, toy_gsm8k) -> None:
+    """EVA's A rows are the top right-singular vectors of each layer's inputs (orthonormal);
+    LoRA's random A is not, so this tells the two apart."""
+    def a_gram_errors(task: CausalLM) -> list[float]:
+        errors = []
+        for name, module in task.backbone.named_modules():
+            if name.endswith("lora_A.default"):
+                a = module.weight.detach()
+                errors.append(float((a @ a.T - torch.eye(a.shape[0])).abs().max()))
+        return errors
+
+    for method, orthonormal in ((methods.EVA(r=R, alpha=8, rho=1.0), True), (methods.LoRA(r=R, alpha=8), False)):
+        task = make_task(tiny_llama, CASES[0])
+        quiet_trainer(max_steps=0, callbacks=[method]).fit(task, datamodule=make_data(toy_gsm8k, tiny_llama))
+        errors = a_gram_errors(task)
+        assert len(errors) == 2 * LAYERS
+        assert (max(errors) < 1e-4) if orthonormal else (min(errors) > 1e-2), errors
