@@ -97,6 +97,9 @@ class Method(Callback, abc.ABC):
         self.task = task
         task.check_trainable()
 
+    def adopt_checkpoint(self, task: "PeftTask", checkpoint: dict[str, Any]) -> None:
+        """Reshape to a checkpoint's recorded layout before its weights load (EVA's ranks); nothing by default."""
+
     def backbone_kwargs(self, trainer: Optional[Trainer] = None) -> dict[str, Any]:
         """Extra ``from_pretrained`` arguments the method needs when the backbone loads (quantization)."""
         return {}

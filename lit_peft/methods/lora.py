@@ -139,28 +139,46 @@ class _Unlabelled:
 
 
 class EVA(LoRA):
-    """LoRA with A initialized from the SVD of input activations on the first training batches."""
+    """LoRA with A initialized from the SVD of input activations on the first training batches.
+
+    With ``rho > 1`` EVA redistributes ranks between layers (and may drop a layer). The resulting
+    ``layout`` (target modules, rank and alpha patterns) is kept as an init argument, so every
+    checkpoint and export records it and a rebuilt method has the trained shapes.
+    """
 
     name = "eva"
     init = "eva"
 
     def __init__(self, r: int = 8, alpha: float = 16, dropout: float = 0.1, targets: Targets = "qv",
-                 rho: float = 2.0, tau: float = 0.99, whiten: bool = False) -> None:
+                 rho: float = 2.0, tau: float = 0.99, whiten: bool = False, layout: Optional[dict] = None) -> None:
+        """
+        Args:
+            layout: set by EVA after its initialization (leave empty in configs).
+        """
         super().__init__(r=r, alpha=alpha, dropout=dropout, targets=targets)
         if rho < 1.0:
             raise ConfigError(f"EVA's rho must be >= 1 (1 keeps every layer at rank r), got {rho}")
-        self.rho, self.tau, self.whiten = rho, tau, whiten
+        self.rho, self.tau, self.whiten, self.layout = rho, tau, whiten, layout
 
     def lora_kwargs(self) -> dict[str, Any]:
         from peft import EvaConfig
 
         return {"eva_config": EvaConfig(rho=self.rho, tau=self.tau, whiten=self.whiten)}
 
+    def peft_config(self, task, target_modules: Optional[list[str]]) -> Any:
+        config = super().peft_config(task, target_modules)
+        if self.layout:  # rebuilt: EVA's shapes; the weights come from the checkpoint or adapter
+            config.target_modules = list(self.layout["target_modules"])
+            config.rank_pattern = dict(self.layout["rank_pattern"])
+            config.alpha_pattern = dict(self.layout["alpha_pattern"])
+            config.init_lora_weights = True
+        return config
+
     def initialize(self, task, trainer: Optional[Trainer]) -> None:
         from peft import initialize_lora_eva_weights
 
-        if trainer is None or trainer.ckpt_path is not None or trainer.datamodule is None:
-            return  # rebuilt for merge/export or resumed: the trained weights come from the checkpoint
+        if self.layout is not None or trainer is None or trainer.datamodule is None or trainer.state.fn != "fit":
+            return  # rebuilt for merge/export, or test/validate/predict: the trained weights come from the checkpoint
         loader = trainer.datamodule.train_dataloader()
         device = trainer.strategy.root_device
         backbone = task.backbone.to(device)
@@ -170,3 +188,16 @@ class EVA(LoRA):
 
         initialize_lora_eva_weights(backbone, dataloader=_Unlabelled(loader), forward_fn=forward,
                                     show_progress_bar=False)
+        config = backbone.peft_config["default"]
+        self.layout = {"target_modules": sorted(config.target_modules), "rank_pattern": dict(config.rank_pattern),
+                       "alpha_pattern": dict(config.alpha_pattern)}
+
+    def adopt_checkpoint(self, task, checkpoint: dict[str, Any]) -> None:
+        """Take the checkpoint's layout where it differs (a config without one, resumed or tested):
+        the adapters are rebuilt with its shapes before its weights load (optimizers come later)."""
+        saved = ((checkpoint.get("lit_peft") or {}).get("method") or {}).get("init_args", {}).get("layout")
+        if saved and saved != self.layout:
+            self.layout = saved
+            task.backbone = task.backbone.unload()
+            self.apply(task, None)
+            task.check_trainable()

@@ -176,6 +176,8 @@ class PeftTask(LightningModule, abc.ABC):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.method is not None:
+            self.method.adopt_checkpoint(self, checkpoint)
         saved, expected = set(checkpoint["state_dict"]), self.trained_keys()
         missing, unexpected = sorted(expected - saved), sorted(saved - set(self.state_dict()))
         if missing or unexpected:
