@@ -95,6 +95,28 @@ class EfficiencyReport(Callback):
         self.fit_seconds = 0.0
         self._t_fit = self._t_epoch = self._t_val = 0.0
         self._val_in_epoch = 0.0
+        self._prior_fit = 0.0  # fit time before a resume, from the checkpoint
+
+    # ---- carried in checkpoints: a resumed run counts the time before it, a test run reports it ----
+    def state_dict(self) -> dict[str, float]:
+        now = time.perf_counter()
+        epoch = now - self._t_epoch - self._val_in_epoch if self._t_epoch else 0.0
+        return {"fit_seconds": self._prior_fit + (now - self._t_fit if self._t_fit else 0.0),
+                "train_seconds": self.train_seconds + epoch, "samples": self.samples}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self._prior_fit = float(state.get("fit_seconds", 0.0))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.samples = int(state.get("samples", 0))
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        path = trainer.ckpt_path
+        if not self.fit_seconds and path and os.path.isfile(path):  # testing a checkpoint: its training figures
+            state = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("callbacks", {})
+            saved = state.get(self.state_key)
+            if saved:
+                self.load_state_dict(saved)
+                self.fit_seconds = self._prior_fit
 
     # ---- timing -------------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -126,7 +148,7 @@ class EfficiencyReport(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._t_epoch:  # stopped mid-epoch (max_steps)
             self.on_train_epoch_end(trainer, pl_module)
-        self.fit_seconds = time.perf_counter() - self._t_fit
+        self.fit_seconds = self._prior_fit + time.perf_counter() - self._t_fit
         self.report(trainer, pl_module, "fit")
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -162,6 +184,8 @@ class EfficiencyReport(Callback):
     def checkpoint_mb(trainer: Trainer) -> Optional[float]:
         ckpt = trainer.checkpoint_callback
         path = getattr(ckpt, "best_model_path", "") or getattr(ckpt, "last_model_path", "") if ckpt else ""
+        if trainer.state.fn != "fit" and trainer.ckpt_path:
+            path = str(trainer.ckpt_path)  # the checkpoint being tested
         return round(os.path.getsize(path) / 2**20, 3) if path and os.path.isfile(path) else None
 
     def report(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

@@ -14,6 +14,7 @@ from typing import Any, Optional
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from lit_peft.errors import ConfigError
 from lit_peft.metrics import run_dir
 
 
@@ -33,7 +34,10 @@ class JsonlPredictionWriter(BasePredictionWriter):
             target = target.with_name(f"{target.stem}.rank{trainer.global_rank}{target.suffix}")
         target.parent.mkdir(parents=True, exist_ok=True)
         self.written = target
-        self._file = target.open("x")  # never overwrite an earlier run's predictions
+        if target.exists():  # never overwrite an earlier run's predictions
+            raise ConfigError(f"'{target}' already exists; give another predictions.path (or move the file) so "
+                              "earlier predictions are kept")
+        self._file = target.open("x")
 
     def write_on_batch_end(self, trainer, pl_module, prediction: Any, batch_indices, batch, batch_idx: int,
                            dataloader_idx: int) -> None:

@@ -90,6 +90,11 @@ def test_test_and_predict_from_the_checkpoint(fitted, tmp_path) -> None:
     fit_summary = json.loads((run / "summary.json").read_text())
     # the dev split is both validation and test for SST-2: the restored model scores what it scored
     assert summary["test_acc"] == pytest.approx(fit_summary["val_acc"], abs=1e-6)
+    # a test run reports every figure: the training ones carried in the checkpoint, the tested checkpoint's size
+    assert SUMMARY_KEYS <= summary.keys() and all(summary[k] is not None for k in SUMMARY_KEYS)
+    assert summary["checkpoint_mb"] == pytest.approx(ckpt.stat().st_size / 2**20, abs=1e-3)
+    assert 0 < summary["train_time_s"] <= fit_summary["train_time_s"]
+    assert summary["samples_per_s"] == pytest.approx(fit_summary["samples_per_s"], rel=0.2)
 
 
 def test_predict_writes_jsonl(fitted, toy_data, tmp_path) -> None:
@@ -107,6 +112,14 @@ def test_predict_writes_jsonl(fitted, toy_data, tmp_path) -> None:
     summary = json.loads((run / "summary.json").read_text())
     accuracy = sum(r["pred"] == y for r, y in zip(rows, labels)) / len(rows)
     assert accuracy == pytest.approx(summary["val_acc"], abs=1e-6)
+    # the same path again: one clear message, and the first predictions are kept
+    before = (tmp_path / "preds.jsonl").read_text()
+    result = lit_peft("predict", "--config", str(config), "--ckpt_path", str(ckpt), "--data",
+                      "lit_peft.data.TextClassificationData", "--data.init_args.predict_file",
+                      str(tmp_path / "unlabelled.jsonl"), "--predictions.path", str(tmp_path / "preds.jsonl"),
+                      "--trainer.logger.init_args.save_dir", str(tmp_path / "again"), cwd=tmp_path)
+    assert result.returncode == 2 and "preds.jsonl' already exists" in result.stderr
+    assert "Traceback" not in result.stderr and (tmp_path / "preds.jsonl").read_text() == before
 
 
 def test_merge_and_export_commands(fitted, tmp_path, tiny_bert) -> None:

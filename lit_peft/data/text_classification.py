@@ -139,6 +139,9 @@ class TextClassificationData(TokenizedDataModule):
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if val_fraction == 0 and val_file is None and train_file is not None:
+            raise ConfigError("val_fraction=0 without val_file leaves nothing to validate on; give val_file, "
+                              "or a val_fraction above 0")
         self.splits: dict[str, list[Example]] = {}
         self.datasets: dict[str, TokenizedDataset] = {}
 

@@ -122,3 +122,12 @@ def test_rotten_tomatoes_snippets(tokenizer) -> None:
     assert 0.4 < positive < 0.6
     rows = {k: {e.where for e in v} for k, v in data.splits.items()}
     assert not rows["train"] & rows["val"] and not rows["train"] & rows["test"] and not rows["val"] & rows["test"]
+
+
+def test_no_validation_split_is_refused_before_training(tmp_path) -> None:
+    from lit_peft.data import TextClassificationData
+    from lit_peft.errors import ConfigError
+
+    (tmp_path / "train.csv").write_text("text,label\ngood,1\nbad,0\n")
+    with pytest.raises(ConfigError, match="val_fraction=0 without val_file leaves nothing to validate on"):
+        TextClassificationData(train_file=str(tmp_path / "train.csv"), val_fraction=0.0)
