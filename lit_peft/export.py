@@ -86,6 +86,8 @@ def merge_checkpoint(ckpt_path: str | Path, output_dir: Path, dtype: str = "floa
     task.tokenizer.save_pretrained(str(output_dir))
     note: dict[str, Any] = {"merged_from": str(ckpt_path), "method": task.method_name, "dtype": dtype,
                             "backbone": task.backbone_name}
+    if getattr(method, "quant_type", None):
+        note["dequantized_from"] = method.quant_type  # the 4-bit base weights were dequantized, then merged
     (output_dir / "lit_peft_merge.json").write_text(json.dumps(note, indent=2) + "\n")
     print(f"[lit-peft] merged {task.method_name} into {task.backbone_name}; saved a {dtype} model to {output_dir}")
     return output_dir

@@ -29,7 +29,8 @@ def test_every_method_has_an_sst2_config() -> None:
     for method in ("full", "linear_probe", "partial", "lora", "dora", "rslora", "pissa", "olora", "eva", "adalora",
                    "ia3", "loha", "qlora", "qdora", "galore", "sift", "rosa", "houlsby", "loraplus"):
         assert f"{method}_sst2" in names
-    for name in ("lora_gsm8k", "dora_gsm8k", "qlora_gsm8k", "galore_gsm8k", "rosa_gsm8k", "lora_news", "qlora_news"):
+    for name in ("lora_gsm8k", "dora_gsm8k", "qlora_gsm8k", "qdora_gsm8k", "galore_gsm8k", "rosa_gsm8k", "sift_gsm8k",
+                 "houlsby_gsm8k", "loraplus_gsm8k", "lora_news", "qlora_news"):
         assert name in names
 
 

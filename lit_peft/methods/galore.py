@@ -74,6 +74,10 @@ class GaLore(Method):
         else:
             suffixes = resolve_targets(backbone, self.targets, exclude=heads)
             layers = [n for n, _ in backbone.named_modules() if any(n == s or n.endswith("." + s) for s in suffixes)]
+            without = [n for n in layers if not isinstance(getattr(backbone.get_submodule(n), "weight", None), torch.Tensor)]
+            if without:
+                raise ConfigError(f"GaLore target '{without[0]}' has no weight matrix to project; target linear layers "
+                                  "(e.g. all-linear, or names such as query, value)")
             matrices = [(f"{n}.weight", backbone.get_submodule(n).weight) for n in layers]
         prefix = self._prefix(task, backbone)
         self.projected = {prefix + n for n, p in matrices if p.requires_grad and min(p.shape) > self.rank}
@@ -134,3 +138,18 @@ class GaLore(Method):
                                                 scale=fields["scale"], proj_type=fields["proj_type"])
                     projector.ortho_matrix = fields["ortho_matrix"]
                     state["projector"] = projector
+        self._move_projectors = True  # checkpoints load on the CPU; the optimizer's tensors move, these do not
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Put restored projection matrices on their parameters' device (galore-torch does not move them)."""
+        if not getattr(self, "_move_projectors", False):
+            return
+        self._move_projectors = False
+        for optimizer in trainer.optimizers:
+            for param, state in optimizer.state.items():
+                projector = state.get("projector")
+                matrix = getattr(projector, "ortho_matrix", None)
+                if isinstance(matrix, torch.Tensor):
+                    projector.ortho_matrix = matrix.to(param.device)
+                elif isinstance(matrix, (list, tuple)):  # proj_type full: a (U, V) pair
+                    projector.ortho_matrix = type(matrix)(m.to(param.device) for m in matrix)

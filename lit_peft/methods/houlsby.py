@@ -95,7 +95,7 @@ class Houlsby(Method):
     def places(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         modules = list(model.named_modules())
         if self.targets != "auto":
-            found = named_submodules(model, list(self.targets))
+            found = named_submodules(model, [self.targets] if isinstance(self.targets, str) else list(self.targets))
             return [(n, m) for n, m in modules if any(m is f for f in found)]
         for patterns in PLACES.values():
             hits = [(n, m) for n, m in modules if any(re.search(p, n) for p in patterns)]

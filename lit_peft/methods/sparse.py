@@ -8,8 +8,9 @@
 Neither peft nor another library on PyPI implements a sparse delta that trains on the CPU (the
 reference implementations need CUDA kernels), so ``SparseDelta`` is written here. It keeps S as
 a vector of ``k`` values and ``k`` flat indices: the gradients and the optimizer state exist only
-for those ``k`` entries. The dense W-sized gradient of a layer still appears transiently during
-its backward pass (there is no sparse matmul kernel here), but nothing W-sized is kept.
+for those ``k`` entries, so optimizer state and checkpoints shrink with the density. Activation
+memory does not: without a sparse matmul kernel, each step builds W + S densely per layer (kept
+from forward to backward) and a dense W-sized gradient during the backward pass.
 
 The indices are chosen from data, so they are part of the trained state: checkpoints and exported
 adapters hold them (``sparse_indices`` buffers) next to the values.
@@ -106,10 +107,14 @@ def fold_all(model: nn.Module) -> None:
 def full_names(model: nn.Module, targets: Targets, exclude: tuple[str, ...]) -> list[str]:
     """Dotted names of the linear layers ``targets`` selects (presets or name suffixes)."""
     suffixes = resolve_targets(model, targets, exclude=exclude)
-    names = [n for n, m in model.named_modules() if hasattr(m, "out_features") and hasattr(m, "weight")
-             and any(n == s or n.endswith("." + s) for s in suffixes)
-             and not any(n == e or n.startswith(e + ".") for e in exclude)]
-    return names
+    matched = [(n, m) for n, m in model.named_modules() if any(n == s or n.endswith("." + s) for s in suffixes)
+               and not any(n == e or n.startswith(e + ".") for e in exclude)]
+    other = [f"{n} ({type(m).__name__})" for n, m in matched if not isinstance(m, nn.Linear)
+             and type(m).__name__ not in ("Linear4bit", "LinearFP4", "LinearNF4")]
+    if other:
+        raise ConfigError(f"sparse increments wrap torch.nn.Linear layers only; target '{other[0]}' is not one. "
+                          "Name linear layers in targets")
+    return [n for n, _ in matched]
 
 
 def choose_by_gradient(task, trainer: Trainer, wrappers: dict[str, SparseDelta], batches: int) -> None:

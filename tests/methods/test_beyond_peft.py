@@ -149,3 +149,46 @@ def test_rosa_trains_lora_and_a_sparse_part_on_the_same_layers(tiny_bert, toy_da
                 prefix + "base_layer.sparse_values"} <= set(trained)
         values = task.get_parameter(prefix + "base_layer.sparse_values")
         assert values.abs().sum() > 0  # the sparse part moved
+
+
+def test_targets_that_are_not_weight_matrices_are_named(tiny_bert, toy_data) -> None:
+    def trainable(method) -> int:
+        task, _ = task_and_data(tiny_bert, toy_data)
+        method.attach(task)
+        return sum(p.numel() for p in task.parameters() if p.requires_grad)
+
+    # one name as a string is one target, as in a list (not its characters)
+    assert trainable(methods.Houlsby(bottleneck=4, targets="output.dense")) == \
+        trainable(methods.Houlsby(bottleneck=4, targets=["output.dense"]))
+    with pytest.raises(ConfigError, match="GaLore target '.*attention' has no weight matrix"):
+        trainable(methods.GaLore(rank=2, targets=["attention"]))
+    with pytest.raises(ConfigError, match=r"wrap torch.nn.Linear layers only; target '.*attention.output \(BertSelfOutput\)'"):
+        trainable(methods.SIFT(density=0.05, targets=["attention.output"]))
+
+
+def test_qlora_quantizes_the_linear_layers_while_loading(tiny_bert, monkeypatch) -> None:
+    """The backbone loads with a 4-bit quantization config (never as a full-precision model first):
+    every encoder linear layer is bitsandbytes NF4 with double quantization; head and embeddings are not."""
+    from transformers import AutoModelForSequenceClassification
+
+    calls = []
+    original = AutoModelForSequenceClassification.from_pretrained
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", spy)
+    task = SequenceClassification(backbone=tiny_bert, num_labels=2)
+    methods.QLoRA(r=4, alpha=8, double_quant=True).attach(task)
+    assert len(calls) == 1 and calls[0]["quantization_config"].load_in_4bit
+    assert "classifier" in calls[0]["quantization_config"].llm_int8_skip_modules
+    model = task.backbone.get_base_model()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and "lora_" not in n}
+    quantized = {n for n, m in linears.items() if type(m).__name__ == "Linear4bit"}
+    assert quantized == {n for n in linears if n.startswith("bert.")}  # encoder and pooler: every one
+    for name in quantized:
+        state = model.get_submodule(name).weight.quant_state
+        assert state.quant_type == "nf4" and state.nested  # double quantization quantizes the scales too
+    assert not any(type(m).__name__ == "Linear4bit" for n, m in model.named_modules() if "classifier" in n)
+    assert model.bert.embeddings.word_embeddings.weight.dtype == torch.float32

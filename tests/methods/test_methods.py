@@ -220,6 +220,23 @@ def test_merge_gives_the_unmerged_logits(case: Case, tiny_bert, toy_data, tmp_pa
     assert (expected - logits(merged, run.data)).abs().max() < 1e-4
 
 
+def test_a_4bit_merge_dequantizes_and_saves_the_chosen_dtype(tiny_bert, toy_data, tmp_path, tmp_path_factory, capsys) -> None:
+    import json
+
+    from transformers import AutoModelForSequenceClassification
+
+    run = trained(next(c for c in CASES if c.id == "qlora"), tiny_bert, toy_data, tmp_path_factory)
+    expected = logits(load_checkpoint(run.ckpts["last"]).backbone, run.data)
+    merge_checkpoint(run.ckpts["last"], tmp_path / "merged", dtype="bfloat16")
+    assert "dequantized" in capsys.readouterr().out  # it says so
+    note = json.loads((tmp_path / "merged" / "lit_peft_merge.json").read_text())
+    assert note["dtype"] == "bfloat16" and note["dequantized_from"] == "nf4"
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged", dtype="auto").eval()
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+    assert not any("4bit" in type(m).__name__ for m in merged.modules())
+    assert (expected - logits(merged, run.data).float()).abs().max() < 0.1  # bf16 rounding only
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if not c.mergeable], ids=lambda c: c.id)
 def test_merge_refuses_what_cannot_fold(case: Case, tiny_bert, toy_data, tmp_path, tmp_path_factory) -> None:
     from lit_peft.errors import ConfigError
