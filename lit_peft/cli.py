@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Optional
 
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from lit_peft.errors import ConfigError
-from lit_peft.metrics import EfficiencyReport
+from lit_peft.metrics import EfficiencyReport, run_dir
 from lit_peft.predictions import JsonlPredictionWriter
 from lit_peft.methods.base import Method
 
@@ -30,6 +30,25 @@ EXTRA = {
     "merge": "Fold a checkpoint's trained state into the backbone; save a transformers model folder.",
     "export": "Save a checkpoint's adapter as a PEFT adapter folder (adapter_config.json + safetensors).",
 }
+
+
+class SaveConfigToRunDir(SaveConfigCallback):
+    """Lightning's config saving, into lit-peft's run folder (``metrics.run_dir``): per run even where
+    the first logger is W&B's, whose ``log_dir`` is shared; an existing config is a clear error."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved:
+            return
+        path = run_dir(trainer) / self.config_filename
+        exists = trainer.strategy.broadcast(path.is_file() if trainer.is_global_zero else False)
+        if exists and not self.overwrite:
+            raise ConfigError(f"{path} already exists: that run folder belongs to an earlier run and is left as it "
+                              "is; choose another --trainer.logger.init_args.name or .version")
+        if trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, str(path), skip_none=False, overwrite=self.overwrite, multifile=self.multifile)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
 
 class LitPeftCLI(LightningCLI):
@@ -61,6 +80,7 @@ def run_lightning(args: Optional[list[str]] = None) -> None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
+        save_config_callback=SaveConfigToRunDir,
         seed_everything_default=42,
         trainer_defaults=trainer_defaults(),
         parser_kwargs={"description": "Parameter-efficient fine-tuning with PyTorch Lightning. Also: "

@@ -80,7 +80,19 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def run_dir(trainer: Trainer) -> Path:
-    """The run folder: the logger's versioned folder, else the trainer's root folder."""
+    """The run folder: the first logger's versioned folder, else the trainer's root folder.
+
+    Lightning's ``trainer.log_dir`` is that folder for CSV and TensorBoard loggers but only the
+    shared ``save_dir`` for others (W&B), where runs would overwrite each other's files; for those
+    it is ``save_dir/name/version``, the parent of the checkpoints folder Lightning picks. Every
+    rank must call this (it broadcasts rank 0's answer)."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = trainer.loggers
+    if loggers and not isinstance(loggers[0], (CSVLogger, TensorBoardLogger)):
+        first = loggers[0]
+        folder = Path(first.save_dir or trainer.default_root_dir) / str(first.name) / str(first.version)
+        return Path(trainer.strategy.broadcast(str(folder)))
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
@@ -196,9 +208,9 @@ class EfficiencyReport(Callback):
         if trainer.logger is not None:
             trainer.logger.log_metrics({k: v for k, v in figures.items() if isinstance(v, (int, float))},
                                        step=trainer.global_step)
+        path = run_dir(trainer) / self.filename  # on every rank: it broadcasts
         if not trainer.is_global_zero:
             return
-        path = run_dir(trainer) / self.filename
         summary = json.loads(path.read_text()) if path.exists() else {}
         summary.update(figures)
         summary.update(metrics)

@@ -234,3 +234,27 @@ def test_causal_lm_fit_test_and_predict_from_the_command_line(tiny_llama, toy_gs
     assert len(rows) == 8  # the test split (limit_eval_rows of it): predict falls back to it
     assert set(rows[0]) == {"prompt", "generation", "reference", "answer"}
     assert rows[0]["prompt"].startswith("Solve the math problem") and rows[0]["reference"].isdigit()
+
+
+def test_wandb_runs_each_get_their_own_folder(tiny_bert, toy_data, tmp_path, monkeypatch) -> None:
+    """W&B's logger has no versioned log_dir: config.yaml, summary.json and checkpoints of each run
+    still land in a folder of its own (save_dir/project/run id), and a second run does not collide."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(tmp_path)
+    logger = {"class_path": "lightning.pytorch.loggers.WandbLogger",
+              "init_args": {"project": "toy", "save_dir": str(tmp_path / "wb"), "offline": True}}
+    (tmp_path / "cfg").mkdir()
+    config = write_config(tmp_path / "cfg", tiny_bert, toy_data, max_epochs=1, limit_train_batches=2)
+    for _ in range(2):
+        cli("fit", "--config", str(config), "--trainer.logger", json.dumps(logger))
+        import wandb
+
+        wandb.finish()
+    runs = sorted(p.parent for p in (tmp_path / "wb" / "toy").glob("*/summary.json"))
+    assert len(runs) == 2
+    for run in runs:
+        assert (run / "config.yaml").is_file() and list((run / "checkpoints").glob("*.ckpt"))
+        assert json.loads((run / "summary.json").read_text())["stages"] == ["fit"]
+    assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "summary.json").exists()
