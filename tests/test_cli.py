@@ -258,3 +258,79 @@ def test_wandb_runs_each_get_their_own_folder(tiny_bert, toy_data, tmp_path, mon
         assert (run / "config.yaml").is_file() and list((run / "checkpoints").glob("*.ckpt"))
         assert json.loads((run / "summary.json").read_text())["stages"] == ["fit"]
     assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "summary.json").exists()
+
+
+USER_PROJECT = '''
+import torch
+import lightning as L
+from torch.utils.data import DataLoader, TensorDataset
+
+from lit_peft.tasks import SequenceClassification
+
+
+class TinyRegression(L.LightningModule):
+    """A plain LightningModule of a user's own: no backbone, no lit-peft method."""
+
+    def __init__(self, width: int = 4, lr: float = 0.1):
+        super().__init__()
+        self.save_hyperparameters()
+        self.layer = torch.nn.Linear(width, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.layer(x).squeeze(-1), y)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.training_step(batch, batch_idx))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+class LineData(L.LightningDataModule):
+    def __init__(self, rows: int = 64):
+        super().__init__()
+        x = torch.randn(rows, 4, generator=torch.Generator().manual_seed(0))
+        self.data = TensorDataset(x, x.sum(-1))
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=16)
+
+    def val_dataloader(self):
+        return DataLoader(self.data, batch_size=16)
+
+
+class MarkedClassifier(SequenceClassification):
+    """A user's subclass of a lit-peft task: it counts its training steps."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps_seen = 0
+
+    def training_step(self, batch, batch_idx):
+        self.steps_seen += 1
+        self.log("steps_seen", float(self.steps_seen))
+        return super().training_step(batch, batch_idx)
+'''
+
+
+def test_a_users_own_classes_plug_in_by_class_path(tiny_bert, toy_data, tmp_path) -> None:
+    (tmp_path / "my_project.py").write_text(USER_PROJECT)
+    plain = {"seed_everything": 1, "model": {"class_path": "my_project.TinyRegression", "init_args": {"lr": 0.1}},
+             "data": {"class_path": "my_project.LineData"}, "method": None,
+             "trainer": {"max_epochs": 2, "accelerator": "cpu", "enable_progress_bar": False,
+                         "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                    "init_args": {"save_dir": "runs", "name": "plain"}}}}
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(plain))
+    result = lit_peft("fit", "--config", "plain.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "runs" / "plain" / "version_0" / "summary.json").read_text())
+    assert summary["trainable_params"] == 5 and summary["task"] == "TinyRegression" and "val_loss" in summary
+
+    config = yaml.safe_load(write_config(tmp_path, tiny_bert, toy_data, max_epochs=1).read_text())
+    config["model"]["class_path"] = "my_project.MarkedClassifier"
+    (tmp_path / "subclass.yaml").write_text(yaml.safe_dump(config))
+    result = lit_peft("fit", "--config", "subclass.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "runs" / "toy" / "version_0" / "summary.json").read_text())
+    assert summary["method"] == "lora" and summary["steps_seen"] == 8  # 256 toy rows / batch 32, LoRA applied
