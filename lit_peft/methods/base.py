@@ -29,32 +29,39 @@ NO_DECAY = ("bias", "LayerNorm.weight", "layernorm.weight", "layer_norm.weight",
 
 
 def default_param_groups(module: nn.Module, lr: float, weight_decay: float,
-                         lr_multipliers: Optional[dict[str, float]] = None) -> list[dict[str, Any]]:
+                         lr_multipliers: Optional[dict[str, float]] = None,
+                         weight_decay_multipliers: Optional[dict[str, float]] = None) -> list[dict[str, Any]]:
     """Optimizer groups over the trainable parameters.
 
     Biases and normalisation weights get no weight decay. ``lr_multipliers`` maps regular
     expressions, searched in parameter names, to factors on the learning rate; a parameter matched
     by several gets their product. ``{"lora_B": 16}`` is LoRA+ with ratio 16; ``{"\\.value\\.": 4}``
-    trains W_v at four times the rate of W_q and W_k.
+    trains W_v at four times the rate of W_q and W_k. ``weight_decay_multipliers`` does the same for
+    the weight decay (``{"embeddings": 0}`` exempts the embeddings).
     """
-    multipliers = dict(lr_multipliers or {})
-    unused = set(multipliers)
-    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
-    for name, param in module.named_parameters():
-        if not param.requires_grad:
-            continue
-        factor = 1.0
-        for pattern, value in multipliers.items():
+    patterns = {"lr_multipliers": dict(lr_multipliers or {}), "weight_decay_multipliers": dict(weight_decay_multipliers or {})}
+    unused = {key: set(table) for key, table in patterns.items()}
+
+    def factor(key: str, name: str) -> float:
+        value = 1.0
+        for pattern, times in patterns[key].items():
             if re.search(pattern, name):
-                factor *= value
-                unused.discard(pattern)
-        groups.setdefault((factor, not name.endswith(NO_DECAY)), []).append(param)
-    if unused:
-        raise ConfigError(f"lr_multipliers pattern(s) {sorted(unused)} match no trainable parameter; "
-                          f"trainable names look like: {next((n for n, p in module.named_parameters() if p.requires_grad), '-')}")
-    return [{"params": params, "lr": lr * factor, "weight_decay": weight_decay if decay else 0.0,
-             "name": f"{'decay' if decay else 'no_decay'}*{factor:g}"}
-            for (factor, decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
+                value *= times
+                unused[key].discard(pattern)
+        return value
+
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            decay = 0.0 if name.endswith(NO_DECAY) else factor("weight_decay_multipliers", name)
+            groups.setdefault((factor("lr_multipliers", name), decay), []).append(param)
+    for key, left in unused.items():
+        if left:
+            raise ConfigError(f"{key} pattern(s) {sorted(left)} match no trainable parameter; trainable names look "
+                              f"like: {next((n for n, p in module.named_parameters() if p.requires_grad), '-')}")
+    return [{"params": params, "lr": lr * lr_factor, "weight_decay": weight_decay * decay,
+             "name": (f"decay*{decay:g}" if decay else "no_decay") + f"*{lr_factor:g}"}
+            for (lr_factor, decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1]))]
 
 
 class Method(Callback, abc.ABC):
@@ -110,9 +117,10 @@ class Method(Callback, abc.ABC):
 
     # ---- training -------------------------------------------------------------------------
     def param_groups(self, task: "PeftTask", lr: float, weight_decay: float,
-                     lr_multipliers: Optional[dict[str, float]] = None) -> list[dict[str, Any]]:
+                     lr_multipliers: Optional[dict[str, float]] = None,
+                     weight_decay_multipliers: Optional[dict[str, float]] = None) -> list[dict[str, Any]]:
         """Optimizer parameter groups over what trains (see ``default_param_groups``)."""
-        return default_param_groups(task, lr, weight_decay, lr_multipliers)
+        return default_param_groups(task, lr, weight_decay, lr_multipliers, weight_decay_multipliers)
 
     def build_optimizer(self, groups: list[dict[str, Any]]) -> Optional[torch.optim.Optimizer]:
         """An optimizer of the method's own (GaLore's); ``None`` lets the task use AdamW."""

@@ -89,11 +89,12 @@ class GaLore(Method):
         return next(n for n, m in task.named_children() if m is backbone) + "."
 
     def param_groups(self, task, lr: float, weight_decay: float,
-                     lr_multipliers: Optional[dict[str, float]] = None) -> list[dict[str, Any]]:
+                     lr_multipliers: Optional[dict[str, float]] = None,
+                     weight_decay_multipliers: Optional[dict[str, float]] = None) -> list[dict[str, Any]]:
         """The usual groups, each split into its projected matrices (with GaLore's settings) and the rest."""
         names = {id(p): n for n, p in task.named_parameters()}
         groups = []
-        for group in default_param_groups(task, lr, weight_decay, lr_multipliers):
+        for group in default_param_groups(task, lr, weight_decay, lr_multipliers, weight_decay_multipliers):
             projected = [p for p in group["params"] if names[id(p)] in self.projected]
             rest = [p for p in group["params"] if names[id(p)] not in self.projected]
             if rest:

@@ -51,6 +51,7 @@ class PeftTask(LightningModule, abc.ABC):
         lr_schedule: Literal["linear", "cosine", "constant"] = "linear",
         warmup_ratio: float = 0.06,
         lr_multipliers: Optional[dict[str, float]] = None,
+        weight_decay_multipliers: Optional[dict[str, float]] = None,
     ) -> None:
         """
         Args:
@@ -62,13 +63,15 @@ class PeftTask(LightningModule, abc.ABC):
             warmup_ratio: fraction of the training steps spent warming up linearly from 0.
             lr_multipliers: regular expression (searched in parameter names) -> learning-rate factor,
                 e.g. ``{lora_B: 16}`` (LoRA+) or ``{"\\.value\\.": 4}`` (W_v at 4x); products where several match.
+            weight_decay_multipliers: the same for weight decay, e.g. ``{embeddings: 0}`` (no decay there).
         """
         super().__init__()
         self.save_hyperparameters()  # what rebuilds this task (its class's own arguments under LightningCLI)
         backbones.torch_dtype(dtype)  # fail early on a typo
         self.backbone_name, self.backbone_dtype = backbone, dtype
         self.optim = SimpleNamespace(lr=learning_rate, weight_decay=weight_decay, schedule=lr_schedule,
-                                     warmup_ratio=warmup_ratio, multipliers=dict(lr_multipliers or {}))
+                                     warmup_ratio=warmup_ratio, multipliers=dict(lr_multipliers or {}),
+                                     wd_multipliers=dict(weight_decay_multipliers or {}))
         if not 0.0 <= warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
         self.backbone: Optional[nn.Module] = None
@@ -151,9 +154,9 @@ class PeftTask(LightningModule, abc.ABC):
 
     def configure_optimizers(self) -> dict[str, Any]:
         lr, wd = self.optim.lr, self.optim.weight_decay
-        mult = self.optim.multipliers
-        groups = (self.method.param_groups(self, lr, wd, mult) if self.method is not None
-                  else default_param_groups(self, lr, wd, mult))
+        mult, wd_mult = self.optim.multipliers, self.optim.wd_multipliers
+        groups = (self.method.param_groups(self, lr, wd, mult, wd_mult) if self.method is not None
+                  else default_param_groups(self, lr, wd, mult, wd_mult))
         optimizer = (self.method.build_optimizer(groups) if self.method is not None else None) or torch.optim.AdamW(groups, lr=lr)
         scheduler = lazy_schedule(optimizer, self.optim.schedule, self.optim.warmup_ratio,
                                   lambda: self.trainer.estimated_stepping_batches)

@@ -42,6 +42,7 @@ class CausalLM(PeftTask):
         lr_schedule: Literal["linear", "cosine", "constant"] = "cosine",
         warmup_ratio: float = 0.03,
         lr_multipliers: Optional[dict[str, float]] = None,
+        weight_decay_multipliers: Optional[dict[str, float]] = None,
         metric: Literal["auto", "exact_match", "rouge"] = "auto",
         max_new_tokens: int = 256,
         generate_in_validation: bool = False,
@@ -59,7 +60,8 @@ class CausalLM(PeftTask):
             do_sample, temperature, top_p: sampling for ``predict`` (evaluation is always greedy).
         """
         super().__init__(backbone=backbone, dtype=dtype, learning_rate=learning_rate, weight_decay=weight_decay,
-                         lr_schedule=lr_schedule, warmup_ratio=warmup_ratio, lr_multipliers=lr_multipliers)
+                         lr_schedule=lr_schedule, warmup_ratio=warmup_ratio, lr_multipliers=lr_multipliers,
+                         weight_decay_multipliers=weight_decay_multipliers)
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         self.metric_name = metric

@@ -32,13 +32,15 @@ class SequenceClassification(PeftTask):
         lr_schedule: Literal["linear", "cosine", "constant"] = "linear",
         warmup_ratio: float = 0.06,
         lr_multipliers: Optional[dict[str, float]] = None,
+        weight_decay_multipliers: Optional[dict[str, float]] = None,
     ) -> None:
         """
         Args:
             num_labels: number of classes; labels in the data must lie in [0, num_labels).
         """
         super().__init__(backbone=backbone, dtype=dtype, learning_rate=learning_rate, weight_decay=weight_decay,
-                         lr_schedule=lr_schedule, warmup_ratio=warmup_ratio, lr_multipliers=lr_multipliers)
+                         lr_schedule=lr_schedule, warmup_ratio=warmup_ratio, lr_multipliers=lr_multipliers,
+                         weight_decay_multipliers=weight_decay_multipliers)
         if num_labels < 2:
             raise ConfigError(f"num_labels must be at least 2, got {num_labels}")
         self.num_labels = num_labels

@@ -42,3 +42,18 @@ def test_dora_with_a_value_multiplier(tiny_bert) -> None:
     lrs = groups_by_param(task)
     magnitudes = {n: lr for n, (lr, _) in lrs.items() if "magnitude" in n}
     assert magnitudes and all(lr == pytest.approx(2e-3 if ".value." in n else 1e-3) for n, lr in magnitudes.items())
+
+
+def test_weight_decay_multipliers_make_groups_from_the_config(tiny_bert) -> None:
+    task = SequenceClassification(backbone=tiny_bert, learning_rate=1e-3, weight_decay=0.1,
+                                  weight_decay_multipliers={"classifier": 0, "lora_A": 2})
+    methods.LoRA(r=4).attach(task)
+    decays = {name: wd for name, (_, wd) in groups_by_param(task).items()}
+    for name, wd in decays.items():
+        expected = 0.0 if name.endswith("bias") or "classifier" in name else 0.2 if "lora_A" in name else 0.1
+        assert wd == pytest.approx(expected), name
+    assert {round(wd, 6) for wd in decays.values()} == {0.0, 0.1, 0.2}
+    typo = SequenceClassification(backbone=tiny_bert, weight_decay_multipliers={"clasifier": 0})
+    methods.LoRA(r=4).attach(typo)
+    with pytest.raises(ConfigError, match=r"weight_decay_multipliers pattern\(s\) \['clasifier'\] match no trainable"):
+        typo.configure_optimizers()
