@@ -170,7 +170,11 @@ class EfficiencyReport(Callback):
     def figures(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         trainable, total = count_parameters(pl_module)
         method = getattr(pl_module, "method", None)
-        trained = [p for p in pl_module.parameters() if p.requires_grad]
+        if hasattr(pl_module, "trained_keys"):  # what the adapter/checkpoint holds: SIFT's and RoSA's indices too
+            keys = pl_module.trained_keys()
+            trained = [t for k, t in pl_module.state_dict().items() if k in keys]
+        else:
+            trained = [p for p in pl_module.parameters() if p.requires_grad]
         figures: dict[str, Any] = {
             "method": getattr(pl_module, "method_name", type(method).__name__ if method else "none"),
             "task": getattr(pl_module, "task_name", type(pl_module).__name__),

@@ -192,3 +192,18 @@ def test_qlora_quantizes_the_linear_layers_while_loading(tiny_bert, monkeypatch)
         assert state.quant_type == "nf4" and state.nested  # double quantization quantizes the scales too
     assert not any(type(m).__name__ == "Linear4bit" for n, m in model.named_modules() if "classifier" in n)
     assert model.bert.embeddings.word_embeddings.weight.dtype == torch.float32
+
+
+def test_sift_adapter_size_counts_its_indices(tiny_bert, toy_data, tmp_path) -> None:
+    import json
+
+    from lit_peft.metrics import EfficiencyReport
+
+    task, data = task_and_data(tiny_bert, toy_data)
+    method = methods.SIFT(density=0.05, selection_batches=1)
+    quiet_trainer(max_steps=1, callbacks=[method, EfficiencyReport()], default_root_dir=str(tmp_path)).fit(
+        task, datamodule=data)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    values = sum(p.numel() * p.element_size() for p in task.parameters() if p.requires_grad)
+    indices = sum(b.numel() * b.element_size() for n, b in task.named_buffers() if n.endswith("sparse_indices"))
+    assert indices > 0 and summary["adapter_mb"] == pytest.approx((values + indices) / 2**20, abs=1e-3)
