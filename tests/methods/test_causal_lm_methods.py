@@ -202,3 +202,41 @@ def test_eva_initializes_a_from_the_activations_of_training_batches(tiny_llama, 
         errors = a_gram_errors(task)
         assert len(errors) == 2 * LAYERS
         assert (max(errors) < 1e-4) if orthonormal else (min(errors) > 1e-2), errors
+
+
+def test_packed_training_with_a_system_prompt_and_scored_validation(tiny_llama, toy_gsm8k) -> None:
+    data = GSM8KData(data_dir=str(toy_gsm8k), val_size=8, max_length=96, max_response_length=48, batch_size=4,
+                     pack=True, system_prompt="You are a careful calculator.", tokenizer=tiny_llama)
+    data.setup("fit")
+    blocks = data.datasets["train"]
+    assert len(blocks) < len(data.records["train"]) and all(len(blocks[i]["input_ids"]) <= 96 for i in range(len(blocks)))
+    assert "You are a careful calculator." in data.tokenizer.decode(data.datasets["val"][0]["prompt_ids"])
+    task = CausalLM(backbone=tiny_llama, learning_rate=3e-2, warmup_ratio=0.0, max_new_tokens=4,
+                    generate_in_validation=True)
+    method = methods.LoRA(r=R, alpha=8)
+    method.attach(task)
+    before = quiet_trainer().validate(task, datamodule=data, verbose=False)[0]
+    assert "val_exact_match" in before  # validation generates and scores when asked
+    quiet_trainer(max_epochs=2, callbacks=[method], limit_val_batches=0).fit(task, datamodule=data)
+    after = quiet_trainer().validate(task, datamodule=data, verbose=False)[0]
+    assert after["val_loss"] < before["val_loss"] - 0.05, (before, after)
+
+
+def test_predict_samples_when_asked_and_is_greedy_otherwise(tiny_llama, toy_gsm8k) -> None:
+    from lightning.pytorch import seed_everything
+
+    data = make_data(toy_gsm8k, tiny_llama)
+    data.setup("test")
+    batch = next(iter(data.test_dataloader()))
+    outputs = {}
+    for do_sample in (False, True):
+        task = CausalLM(backbone=tiny_llama, max_new_tokens=8, do_sample=do_sample, temperature=1.5, top_p=1.0)
+        task.configure_backbone()
+        task.eval()
+        runs = []
+        for seed in (0, 1):
+            seed_everything(seed)
+            runs.append(task.predict_step(batch, 0)["generation"])
+        outputs[do_sample] = runs
+    assert outputs[False][0] == outputs[False][1] == task.generate(batch)  # greedy: seed-independent, as in test
+    assert outputs[True][0] != outputs[True][1]  # sampling: different draws
