@@ -48,7 +48,9 @@ class SparseDelta(nn.Module):
         self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
         device = next(base_layer.parameters()).device
         self.sparse_values = nn.Parameter(torch.zeros(k, device=device))
-        self.register_buffer(INDEX_BUFFER, torch.zeros(k, dtype=torch.long, device=device))
+        # int32 positions (half the bytes of the default int64) unless the weight has 2**31 entries or more
+        dtype = torch.int32 if self.out_features * self.in_features < 2**31 else torch.long
+        self.register_buffer(INDEX_BUFFER, torch.zeros(k, dtype=dtype, device=device))
         #: a dense zero increment whose gradient is the weight's gradient, only while the mask is chosen
         self.probe: Optional[nn.Parameter] = None
 
@@ -63,7 +65,7 @@ class SparseDelta(nn.Module):
     def delta(self) -> torch.Tensor:
         """S as a dense (out, in) matrix."""
         flat = self.sparse_values.new_zeros(self.out_features * self.in_features)
-        return flat.index_put((self.sparse_indices,), self.sparse_values).view(self.out_features, self.in_features)
+        return flat.index_put((self.sparse_indices.long(),), self.sparse_values).view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.base_layer

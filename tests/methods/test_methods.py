@@ -184,7 +184,7 @@ def test_checkpoint_holds_only_what_trained(case: Case, tiny_bert, toy_data, tmp
     assert sum(v.numel() for k, v in state.items() if k not in indices) == case.trainable
     for key, idx in indices.items():
         values = state[key.replace("sparse_indices", "sparse_values")]
-        assert idx.shape == values.shape and idx.unique().numel() == idx.numel()
+        assert idx.shape == values.shape and idx.unique().numel() == idx.numel() and idx.dtype == torch.int32
     assert ckpt["lit_peft"]["method"]["class_path"].startswith("lit_peft.methods.")
 
 
