@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Quick start: set up, then fine-tune MiniLM with DoRA on real movie-review sentiment (offline, ~5 min on 2 CPU cores).
+# Quick start: set up, then fine-tune MiniLM with DoRA on real movie-review sentiment (offline, ~6 min on 2 CPU cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
