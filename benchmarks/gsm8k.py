@@ -85,7 +85,7 @@ def main() -> None:
                 "--data.init_args.limit_eval_rows", str(args.test_rows), "--data.init_args.eval_batch_size", "8"]
         g = compare("lora_gsm8k.yaml", "gsm8k", data + lora, runs, args.epochs, "0")
         write(out, "gsm8k", [
-            f"GSM8K: SmolLM2-135M-Instruct, {setting}, on the first {args.train_rows} train rows; exact match "
+            f"GSM8K: SmolLM2-135M-Instruct, {setting}, on {args.train_rows} train rows (a seeded random subset); exact match "
             f"on the first {args.test_rows} test problems (greedy, 192 new tokens)",
             "", "| model | exact match (%) | test time (s) | train time (s) |", "|---|---|---|---|",
             f"| zero-shot | {100 * g['before']['test_exact_match']:.1f} | {g['zero_shot_test_s']:.0f} | - |",
