@@ -127,11 +127,6 @@ def config_error(err: BaseException) -> Optional[ConfigError]:
     while err is not None and id(err) not in seen:
         if isinstance(err, ConfigError):
             return err
-        if isinstance(err, RuntimeError) and "SaveConfigCallback expected" in str(err):
-            # Lightning refuses to overwrite an earlier run's config.yaml: say so in one line
-            path = str(err).split("expected ", 1)[1].split(" to NOT exist", 1)[0]
-            return ConfigError(f"{path} already exists: that run folder belongs to an earlier run and is left as it "
-                               "is; choose another --trainer.logger.init_args.name or .version")
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None

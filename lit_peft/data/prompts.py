@@ -108,9 +108,7 @@ class PromptResponseData(TokenizedDataModule, abc.ABC):
         elif split != "train" and h.limit_eval_rows is not None:
             rows = rows[: h.limit_eval_rows]
         records, skipped = [], 0
-        for row, where in rows:
-            if not isinstance(row, dict):
-                raise ConfigError(f"{where}: a record must be an object with named fields, not {type(row).__name__}")
+        for row, where in rows:  # files come through read_rows, which refuses rows that are not objects
             record = self.to_record(row, where, labelled=split != "predict")
             if record is None:
                 skipped += 1

