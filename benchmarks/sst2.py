@@ -5,7 +5,10 @@ Each method trains on the whole SST-2 train split (67,349 sentences) from its co
 process so peak memory is per run. Prints a markdown table (accuracy, trainable %, time, peak
 memory) and writes it, with the raw summaries, to ``benchmarks/results/``.
 
-    python benchmarks/sst2.py --data_dir ../shared/data/sst2 [--epochs 1] [--methods full lora]
+    python benchmarks/sst2.py --data_dir ../shared/data/sst2 [--epochs 1] [--methods full lora] [--keep]
+
+``--keep`` re-runs only the named methods and keeps the other rows of the last ``sst2.json``
+(whose configs did not change), each marked "earlier run".
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| method | dev accuracy | dev F1 | trainable params | trainable % | train time (s) | samples/s | peak RSS (MB) | checkpoint (MB) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {100 * r['val_acc']:.2f} | {100 * r['val_f1']:.2f} | {r['trainable_params']:,} | "
+        lines.append(f"| {r['method']}{' (earlier run)' if r.get('earlier_run') else ''} | {100 * r['val_acc']:.2f} | {100 * r['val_f1']:.2f} | {r['trainable_params']:,} | "
                      f"{r['trainable_pct']:.2f} | {r['train_time_s']:.0f} | {r['samples_per_s']:.1f} | "
                      f"{r['peak_memory_mb']:.0f} | {r['checkpoint_mb']:.2f} |")
     return "\n".join(lines)
@@ -54,11 +57,17 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--limit_train_batches", type=float, default=1.0, help="fraction (or count) of batches, for a quick look")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the rows of methods not run now from the last sst2.json (same budget), marked 'earlier run'")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     budget = f"{args.epochs} epoch(s)" + (f" of {args.limit_train_batches:g} of the train split" if args.limit_train_batches != 1.0 else "")
     rows = []
+    previous = out / "sst2.json"
+    if args.keep and previous.is_file():
+        kept = [r for r in json.loads(previous.read_text()) if r["method"] not in args.methods]
+        rows = [{**r, "earlier_run": True} for r in kept]
     for method in args.methods:  # the table is rewritten after each run, so a stopped benchmark keeps what it measured
         rows.append(run(method, args.data_dir, args.epochs, out, args.limit_train_batches))
         text = table(rows)

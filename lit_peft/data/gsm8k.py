@@ -7,6 +7,10 @@ folder is given, or ``gsm_symbolic`` problems generated offline by ``reasoning-g
 The response is the worked solution with the ``<<48/2=24>>`` calculator annotations stripped and
 ``#### N`` at the end (``with_solution``), or ``#### N`` alone. ``extract_answer`` reads ``#### N``
 from a generation and falls back to its last number; exact match compares normalised numbers.
+
+``gsm_symbolic`` is contaminated for GSM8K test: its generators are templates of GSM8K *test*
+problems (GSM-Symbolic, Mirzadeh et al. 2024; e.g. generator 0 is test problem 990, Emily peeling
+shrimp). Train on it to score on its own generated test split, never to report GSM8K test accuracy.
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ class GSM8KData(PromptResponseData):
         Args:
             data_dir: folder with train.jsonl and test.jsonl; ``None`` reads ``openai/gsm8k`` from the hub.
             source: ``gsm8k``, or ``gsm_symbolic`` (reasoning-gym, generated offline; ignores data_dir).
+                Its problems are templates of GSM8K test problems: do not train on them and report
+                GSM8K test accuracy.
             with_solution: train on the worked solution (else on ``#### N`` alone).
             val_size: rows held out of the train file for validation (the last ones).
             symbolic_size: problems generated per split for ``gsm_symbolic``.

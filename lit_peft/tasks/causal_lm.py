@@ -50,6 +50,8 @@ class CausalLM(PeftTask):
         do_sample: bool = False,
         temperature: float = 0.7,
         top_p: float = 0.9,
+        repetition_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
     ) -> None:
         """
         Args:
@@ -58,14 +60,22 @@ class CausalLM(PeftTask):
             generate_in_validation: also generate (and score) in validation, not only in test.
             gradient_checkpointing: trade compute for activation memory.
             do_sample, temperature, top_p: sampling for ``predict`` (evaluation is always greedy).
+            repetition_penalty, no_repeat_ngram_size: transformers' guards against the repetition loops
+                small models fall into under greedy decoding (1.0 and 0 are off); they apply to
+                evaluation and ``predict`` alike, so a before/after comparison decodes the same way.
         """
         super().__init__(backbone=backbone, dtype=dtype, learning_rate=learning_rate, weight_decay=weight_decay,
                          lr_schedule=lr_schedule, warmup_ratio=warmup_ratio, lr_multipliers=lr_multipliers,
                          weight_decay_multipliers=weight_decay_multipliers)
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if repetition_penalty <= 0:
+            raise ConfigError(f"repetition_penalty must be positive (1.0 is off), got {repetition_penalty}")
+        if no_repeat_ngram_size < 0:
+            raise ConfigError(f"no_repeat_ngram_size must be 0 (off) or more, got {no_repeat_ngram_size}")
         self.metric_name = metric
-        self.generation = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p)
+        self.generation = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                               repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
         self.generate_in_validation, self.gradient_checkpointing = generate_in_validation, gradient_checkpointing
         self.val_exact_match, self.test_exact_match = torchmetrics.MeanMetric(), torchmetrics.MeanMetric()
         from torchmetrics.text.rouge import ROUGEScore
@@ -105,19 +115,27 @@ class CausalLM(PeftTask):
         return loss
 
     # ---- generation and scoring -------------------------------------------------------------------
-    @torch.no_grad()
     def generate(self, batch: dict[str, Any], sample: bool = False) -> list[str]:
         """Decoded continuations of the batch's left-padded prompts."""
+        return self.tokenizer.batch_decode(self.generate_ids(batch, sample), skip_special_tokens=True)
+
+    @torch.no_grad()
+    def generate_ids(self, batch: dict[str, Any], sample: bool = False) -> torch.Tensor:
+        """The new token ids generated for the batch's left-padded prompts (right-padded)."""
         g = self.generation
         options: dict[str, Any] = dict(max_new_tokens=g["max_new_tokens"], pad_token_id=self.tokenizer.pad_token_id,
                                        eos_token_id=self.tokenizer.eos_token_id, use_cache=True)
+        if g["repetition_penalty"] != 1.0:
+            options["repetition_penalty"] = g["repetition_penalty"]
+        if g["no_repeat_ngram_size"]:
+            options["no_repeat_ngram_size"] = g["no_repeat_ngram_size"]
         if sample and g["do_sample"]:
             options.update(do_sample=True, temperature=g["temperature"], top_p=g["top_p"])
         else:
             options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         prompts = batch["prompt_input_ids"]
         out = self.backbone.generate(input_ids=prompts, attention_mask=batch["prompt_attention_mask"], **options)
-        return self.tokenizer.batch_decode(out[:, prompts.shape[1]:], skip_special_tokens=True)
+        return out[:, prompts.shape[1]:]
 
     def score(self, generations: list[str], references: list[str], stage: str, size: int) -> None:
         if self.metric_name == "exact_match":

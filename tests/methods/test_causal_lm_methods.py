@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from conftest import LAYERS, LLAMA_H, LLAMA_INTER, LLAMA_KV, quiet_trainer
 from lit_peft import methods
 from lit_peft.data import GSM8KData
+from lit_peft.errors import ConfigError
 from lit_peft.export import export_checkpoint, load_adapter, load_checkpoint, merge_checkpoint
 from lit_peft.methods.qlora import exact_cpu_compute
 from lit_peft.tasks import CausalLM
@@ -240,3 +241,33 @@ def test_predict_samples_when_asked_and_is_greedy_otherwise(tiny_llama, toy_gsm8
         outputs[do_sample] = runs
     assert outputs[False][0] == outputs[False][1] == task.generate(batch)  # greedy: seed-independent, as in test
     assert outputs[True][0] != outputs[True][1]  # sampling: different draws
+
+
+def test_no_repeat_ngram_size_breaks_greedy_repetition_loops(tiny_llama, toy_gsm8k) -> None:
+    """An untrained model's greedy continuation repeats itself; with no_repeat_ngram_size=2 no
+    bigram of prompt + continuation occurs twice (transformers' guard, passed through)."""
+    data = make_data(toy_gsm8k, tiny_llama)
+    data.setup("test")
+    batch = next(iter(data.test_dataloader()))
+
+    def repeated_bigrams(task: CausalLM) -> int:
+        torch.manual_seed(0)
+        task.configure_backbone()
+        new = task.eval().generate_ids(batch)
+        count = 0
+        for i in range(new.shape[0]):
+            prompt = batch["prompt_input_ids"][i][batch["prompt_attention_mask"][i].bool()].tolist()
+            generated = new[i].tolist()
+            stop = {task.tokenizer.eos_token_id, task.tokenizer.pad_token_id}
+            generated = generated[:next((j for j, t in enumerate(generated) if t in stop), len(generated))]
+            ids = prompt + generated
+            for j in range(len(prompt), len(ids)):  # each generated token: does it complete a bigram seen before?
+                count += (ids[j - 1], ids[j]) in set(zip(ids[:j - 1], ids[1:j - 1]))
+        return count
+
+    assert repeated_bigrams(CausalLM(backbone=tiny_llama, max_new_tokens=24)) > 0
+    assert repeated_bigrams(CausalLM(backbone=tiny_llama, max_new_tokens=24, no_repeat_ngram_size=2)) == 0
+    with pytest.raises(ConfigError, match="no_repeat_ngram_size must be 0"):
+        CausalLM(backbone=tiny_llama, no_repeat_ngram_size=-1)
+    with pytest.raises(ConfigError, match="repetition_penalty must be positive"):
+        CausalLM(backbone=tiny_llama, repetition_penalty=0.0)
