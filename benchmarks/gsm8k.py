@@ -8,8 +8,11 @@ articles (``configs/lora_news.yaml``, results in ``xsum.md``). Last line:
 
     zero_shot_em=<a> lora_em=<b>
 
-    python benchmarks/gsm8k.py [--train_rows 1024] [--test_rows 200] [--epochs 1] [--learning_rate 2e-4]
-        [--r 8] [--targets q_proj v_proj | all-linear] [--tasks gsm8k xsum]
+    python benchmarks/gsm8k.py [--train_rows 1536] [--test_rows 200] [--epochs 1] [--learning_rate 3e-4]
+        [--r 16] [--targets all-linear | q_proj v_proj] [--tasks gsm8k xsum]
+
+The defaults (about 35 minutes of training and 20 of generation on 2 CPU cores) are the
+README's run.
 """
 
 from __future__ import annotations
@@ -63,12 +66,12 @@ def write(out: Path, name: str, lines: list[str], result: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data" / "gsm8k"))
-    parser.add_argument("--train_rows", type=int, default=1024)
+    parser.add_argument("--train_rows", type=int, default=1536)
     parser.add_argument("--test_rows", type=int, default=200, help="the first N test problems (1319 = all)")
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--learning_rate", type=float, default=2e-4)
-    parser.add_argument("--r", type=int, default=8, help="LoRA rank (alpha = 2r)")
-    parser.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"], help="e.g. all-linear")
+    parser.add_argument("--learning_rate", type=float, default=3e-4)
+    parser.add_argument("--r", type=int, default=16, help="LoRA rank (alpha = 2r)")
+    parser.add_argument("--targets", nargs="+", default=["all-linear"], help="e.g. q_proj v_proj")
     parser.add_argument("--tasks", nargs="+", choices=["gsm8k", "xsum"], default=["gsm8k"])
     parser.add_argument("--xsum_train_rows", type=int, default=200)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
