@@ -124,11 +124,9 @@ class CausalLM(PeftTask):
         """The new token ids generated for the batch's left-padded prompts (right-padded)."""
         g = self.generation
         options: dict[str, Any] = dict(max_new_tokens=g["max_new_tokens"], pad_token_id=self.tokenizer.pad_token_id,
-                                       eos_token_id=self.tokenizer.eos_token_id, use_cache=True)
-        if g["repetition_penalty"] != 1.0:
-            options["repetition_penalty"] = g["repetition_penalty"]
-        if g["no_repeat_ngram_size"]:
-            options["no_repeat_ngram_size"] = g["no_repeat_ngram_size"]
+                                       eos_token_id=self.tokenizer.eos_token_id, use_cache=True,
+                                       repetition_penalty=g["repetition_penalty"],  # 1.0 and 0: transformers adds no
+                                       no_repeat_ngram_size=g["no_repeat_ngram_size"])  # processor
         if sample and g["do_sample"]:
             options.update(do_sample=True, temperature=g["temperature"], top_p=g["top_p"])
         else:
