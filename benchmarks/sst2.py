@@ -7,8 +7,9 @@ memory) and writes it, with the raw summaries, to ``benchmarks/results/``.
 
     python benchmarks/sst2.py --data_dir ../shared/data/sst2 [--epochs 1] [--methods full lora] [--keep]
 
-``--keep`` re-runs only the named methods and keeps the other rows of the last ``sst2.json``
-(whose configs did not change), each marked "earlier run".
+``--keep`` re-runs only the named methods at the given ``--epochs`` and keeps every other row of the
+last ``sst2.json`` (other methods, or the same method at another epoch budget; their configs did not
+change), each marked "earlier run". Every row carries its own epoch count.
 """
 
 from __future__ import annotations
@@ -37,14 +38,15 @@ def run(method: str, data_dir: str, epochs: int, out: Path, limit: float) -> dic
     summaries = sorted((save_dir / f"{method}_sst2").glob("version_*/summary.json"), key=lambda p: p.stat().st_mtime)
     summary = json.loads(summaries[-1].read_text())
     summary["wall_s"] = round(time.time() - started, 1)
+    summary["epochs"] = epochs
     return summary
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | dev accuracy | dev F1 | trainable params | trainable % | train time (s) | samples/s | peak RSS (MB) | checkpoint (MB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | epochs | dev accuracy | dev F1 | trainable params | trainable % | train time (s) | samples/s | peak RSS (MB) | checkpoint (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']}{' (earlier run)' if r.get('earlier_run') else ''} | {100 * r['val_acc']:.2f} | {100 * r['val_f1']:.2f} | {r['trainable_params']:,} | "
+        lines.append(f"| {r['method']}{' (earlier run)' if r.get('earlier_run') else ''} | {r.get('epochs', 1)} | {100 * r['val_acc']:.2f} | {100 * r['val_f1']:.2f} | {r['trainable_params']:,} | "
                      f"{r['trainable_pct']:.2f} | {r['train_time_s']:.0f} | {r['samples_per_s']:.1f} | "
                      f"{r['peak_memory_mb']:.0f} | {r['checkpoint_mb']:.2f} |")
     return "\n".join(lines)
@@ -62,11 +64,13 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    budget = f"{args.epochs} epoch(s)" + (f" of {args.limit_train_batches:g} of the train split" if args.limit_train_batches != 1.0 else "")
+    budget = "epochs per row" + (f", {args.limit_train_batches:g} of the train split per epoch" if args.limit_train_batches != 1.0 else "")
     rows = []
     previous = out / "sst2.json"
     if args.keep and previous.is_file():
-        kept = [r for r in json.loads(previous.read_text()) if r["method"] not in args.methods]
+        # rows written before the epochs column existed were all one-epoch runs
+        kept = [r for r in json.loads(previous.read_text())
+                if not (r["method"] in args.methods and r.get("epochs", 1) == args.epochs)]
         rows = [{**r, "earlier_run": True} for r in kept]
     for method in args.methods:  # the table is rewritten after each run, so a stopped benchmark keeps what it measured
         rows.append(run(method, args.data_dir, args.epochs, out, args.limit_train_batches))
@@ -75,7 +79,8 @@ def main() -> None:
         (out / "sst2.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(text)
     full = next((r for r in rows if r["method"] == "full"), None)
-    gaps = {r["method"]: round(100 * (r["val_acc"] - full["val_acc"]), 2) for r in rows if full and r is not full}
+    gaps = {f"{r['method']}@{r.get('epochs', 1)}ep": round(100 * (r["val_acc"] - full["val_acc"]), 2)
+            for r in rows if full and r is not full}
     print("gap_vs_full_points=" + json.dumps(gaps))
 
 
