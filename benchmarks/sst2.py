@@ -5,10 +5,13 @@ Each method trains on the whole SST-2 train split (67,349 sentences) from its co
 process so peak memory is per run. Prints a markdown table (accuracy, trainable %, time, peak
 memory) and writes it, with the raw summaries, to ``benchmarks/results/``.
 
-    python benchmarks/sst2.py --data_dir ../shared/data/sst2 [--epochs 1] [--methods full lora] [--keep]
+    python benchmarks/sst2.py --data_dir ../shared/data/sst2 [--epochs 1] [--methods full lora] [--keep] [--name sst2]
+
+Results go to ``benchmarks/results/<name>.md`` and ``<name>.json`` (``--name sst2_tenth_epoch`` for
+the tenth-of-an-epoch table, so a quick look does not overwrite the full-epoch results).
 
 ``--keep`` re-runs only the named methods at the given ``--epochs`` and keeps every other row of the
-last ``sst2.json`` (other methods, or the same method at another epoch budget; their configs did not
+last ``<name>.json`` (other methods, or the same method at another epoch budget; their configs did not
 change), each marked "earlier run". Every row carries its own epoch count.
 """
 
@@ -59,14 +62,15 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--limit_train_batches", type=float, default=1.0, help="fraction (or count) of batches, for a quick look")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--name", default="sst2", help="results file stem under --out")
     parser.add_argument("--keep", action="store_true",
-                        help="keep the rows of methods not run now from the last sst2.json (same budget), marked 'earlier run'")
+                        help="keep the other rows of the last <name>.json, marked 'earlier run'")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     budget = "epochs per row" + (f", {args.limit_train_batches:g} of the train split per epoch" if args.limit_train_batches != 1.0 else "")
     rows = []
-    previous = out / "sst2.json"
+    previous = out / f"{args.name}.json"
     if args.keep and previous.is_file():
         # rows written before the epochs column existed were all one-epoch runs
         kept = [r for r in json.loads(previous.read_text())
@@ -75,8 +79,8 @@ def main() -> None:
     for method in args.methods:  # the table is rewritten after each run, so a stopped benchmark keeps what it measured
         rows.append(run(method, args.data_dir, args.epochs, out, args.limit_train_batches))
         text = table(rows)
-        (out / "sst2.md").write_text(f"SST-2 dev, {budget}, all-MiniLM-L6-v2, CPU\n\n{text}\n")
-        (out / "sst2.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (out / f"{args.name}.md").write_text(f"SST-2 dev, {budget}, all-MiniLM-L6-v2, CPU\n\n{text}\n")
+        (out / f"{args.name}.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(text)
     full = next((r for r in rows if r["method"] == "full"), None)
     gaps = {f"{r['method']}@{r.get('epochs', 1)}ep": round(100 * (r["val_acc"] - full["val_acc"]), 2)

@@ -7,7 +7,8 @@ over the same SST-2 batches in one run:
 
 Each measures samples per second over the whole pass (data loading and framework overhead
 included); a warm-up pass of each runs first. The ways alternate over ``--rounds`` rounds and the
-median is kept. Last line: ``ratio_vs_loop=<x> ratio_vs_trainer=<y>`` (lit-peft over theirs).
+median is kept. Every round's figures and the medians go to ``benchmarks/results/throughput.md``
+and ``throughput.json``. Last line: ``ratio_vs_loop=<x> ratio_vs_trainer=<y>`` (lit-peft over theirs).
 
     python benchmarks/throughput.py --data_dir ../shared/data/sst2 [--rows 2048] [--rounds 3]
 """
@@ -15,6 +16,7 @@ median is kept. Last line: ``ratio_vs_loop=<x> ratio_vs_trainer=<y>`` (lit-peft 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import tempfile
@@ -120,6 +122,7 @@ def main() -> None:
     parser.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data" / "sst2"))
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -133,10 +136,17 @@ def main() -> None:
             results[name].append(fn(args.data_dir, args.rows))
             print(f"round {r + 1} {name}: {results[name][-1]:.1f} samples/s", flush=True)
     median = {name: statistics.median(v) for name, v in results.items()}
-    print(f"threads={torch.get_num_threads()} rows={args.rows} batch={BATCH} rounds={args.rounds} "
-          + " ".join(f"{k}={v:.1f}" for k, v in median.items()))
-    print(f"ratio_vs_loop={median['lit-peft'] / median['loop']:.3f} "
-          f"ratio_vs_trainer={median['lit-peft'] / median['trainer']:.3f}")
+    setting = f"threads={torch.get_num_threads()} rows={args.rows} batch={BATCH} rounds={args.rounds}"
+    ratios = f"ratio_vs_loop={median['lit-peft'] / median['loop']:.3f} ratio_vs_trainer={median['lit-peft'] / median['trainer']:.3f}"
+    lines = [f"LoRA r=8 (query, value) on all-MiniLM-L6-v2, SST-2 batches, {setting}", "",
+             "| way | median samples/s | every round |", "|---|---|---|"]
+    lines += [f"| {name} | {median[name]:.1f} | {', '.join(f'{v:.1f}' for v in values)} |" for name, values in results.items()]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput.md").write_text("\n".join(lines + ["", ratios]) + "\n")
+    (out / "throughput.json").write_text(json.dumps({"setting": setting, "rounds": results, "median": median}, indent=2) + "\n")
+    print(setting + " " + " ".join(f"{k}={v:.1f}" for k, v in median.items()))
+    print(ratios)
 
 
 if __name__ == "__main__":
