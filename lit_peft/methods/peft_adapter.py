@@ -16,6 +16,7 @@ and the rest work without new code:
 from __future__ import annotations
 
 import abc
+import dataclasses
 import importlib
 from pathlib import Path
 from typing import Any, Optional
@@ -82,7 +83,8 @@ class PeftMethod(PeftAdapter):
     """Any peft method by its config class and keyword arguments.
 
     ``targets`` fills ``target_modules`` unless ``config`` sets it; ``targets: null`` leaves the
-    choice to peft's per-architecture defaults.
+    choice to peft's per-architecture defaults. Configs without target modules (prompt tuning,
+    prefix tuning, P-tuning: they add virtual tokens) ignore ``targets``.
     """
 
     def __init__(self, config_class: str = "peft.LoraConfig", config: Optional[dict[str, Any]] = None,
@@ -95,7 +97,12 @@ class PeftMethod(PeftAdapter):
         self.merge_note = "prompt-learning methods add virtual tokens, not weight deltas" if not self.mergeable else ""
 
     def target_modules(self, task, heads: list[str]) -> Optional[list[str]]:
-        return None if "target_modules" in self.config else super().target_modules(task, heads)
+        if "target_modules" in self.config or not self.takes_targets():
+            return None
+        return super().target_modules(task, heads)
+
+    def takes_targets(self) -> bool:
+        return "target_modules" in {f.name for f in dataclasses.fields(import_object(self.config_class))}
 
     def peft_config(self, task, target_modules: Optional[list[str]]) -> Any:
         cls = import_object(self.config_class)

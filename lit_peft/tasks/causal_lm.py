@@ -1,6 +1,11 @@
 """Causal language modelling: fine-tune a decoder on prompt -> response pairs, score by generation.
 
 Training minimises cross-entropy on the response tokens only (the data module masks the prompt).
+The vocabulary projection runs only at the positions that predict a response token (transformers'
+``logits_to_keep`` with a boolean mask): prompt and padding positions, often half a batch, never
+become ``batch x length x vocab`` logits, which saves the LM head's compute and the largest tensor
+of the step. Models without ``logits_to_keep``, and peft's prompt-learning methods (which lengthen
+the sequence), project every position; both give the same loss.
 Evaluation generates greedily in batches (left-padded prompts, KV cache, ``max_new_tokens``, stop at
 EOS) and scores with the data's metric: exact match of the extracted final answer (GSM8K) or
 ROUGE-1/2/L (summarization, torchmetrics). ``test`` always generates; ``validate`` generates when
@@ -13,9 +18,11 @@ embeddings and adapters (the embeddings' output is made to require grad).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Literal, Optional
 
 import torch
+import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
@@ -104,7 +111,26 @@ class CausalLM(PeftTask):
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss
+        """Mean cross-entropy of the response tokens. Computed here, never by passing ``labels=``:
+        peft's AdaLoRA adds its orthogonality term to a model-computed loss, and the method callback
+        adds it again in ``training_step`` (and it would leak into validation and test losses)."""
+        labels = batch["labels"]
+        targets = torch.full_like(labels, -100)
+        targets[:, :-1] = labels[:, 1:]  # position t predicts token t + 1
+        keep = targets.ne(-100)
+        if self.response_logits_only():
+            logits = self(batch["input_ids"], batch["attention_mask"], logits_to_keep=keep).logits  # (kept, vocab)
+        else:  # every position; prompt tuning puts its virtual tokens first
+            logits = self(batch["input_ids"], batch["attention_mask"]).logits[:, -labels.shape[1]:][keep]
+        return F.cross_entropy(logits.float(), targets[keep])
+
+    def response_logits_only(self) -> bool:
+        """Whether the backbone can project just the kept positions (see the module's docstring)."""
+        config = getattr(self.backbone, "active_peft_config", None)
+        if config is not None and config.is_prompt_learning:
+            return False
+        base = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
 
     def step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         loss = self.loss(batch)
