@@ -181,11 +181,12 @@ class PromptResponseData(TokenizedDataModule, abc.ABC):
 
 
 def pack(examples: list[dict[str, Any]], block: int) -> list[dict[str, Any]]:
-    """Concatenate examples' ids and labels and cut them into blocks of ``block`` tokens."""
+    """Concatenate examples' ids and labels and cut them into blocks of ``block`` tokens; a block
+    keeps only if some token after its first is a label (the first token is never predicted)."""
     ids = [t for e in examples for t in e["input_ids"]]
     labels = [t for e in examples for t in e["labels"]]
     return [{"input_ids": ids[i:i + block], "labels": labels[i:i + block]}
-            for i in range(0, len(ids), block) if any(t != -100 for t in labels[i:i + block])]
+            for i in range(0, len(ids), block) if any(t != -100 for t in labels[i + 1:i + block])]
 
 
 class Collator:

@@ -92,8 +92,15 @@ class PeftMethod(PeftAdapter):
         super().__init__(targets=targets)
         self.config_class = config_class
         self.config = dict(config or {})
-        self.name = import_object(config_class).__name__.removesuffix("Config").lower()
-        self.mergeable = self.name not in {"prefixtuning", "prompttuning", "promptencoder"}
+        import peft
+
+        cls = import_object(config_class)
+        self.name = cls.__name__.removesuffix("Config").lower()
+        if self.name == "cpt":
+            raise ConfigError("peft.CPTConfig computes its own loss from labels passed to the model; lit-peft's tasks "
+                              "compute the loss themselves, so CPT would silently train plain cross-entropy. Use "
+                              "peft.PromptTuningConfig or another method")
+        self.mergeable = not (isinstance(cls, type) and issubclass(cls, peft.PromptLearningConfig))
         self.merge_note = "prompt-learning methods add virtual tokens, not weight deltas" if not self.mergeable else ""
 
     def target_modules(self, task, heads: list[str]) -> Optional[list[str]]:

@@ -113,16 +113,22 @@ class CausalLM(PeftTask):
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Mean cross-entropy of the response tokens. Computed here, never by passing ``labels=``:
         peft's AdaLoRA adds its orthogonality term to a model-computed loss, and the method callback
-        adds it again in ``training_step`` (and it would leak into validation and test losses)."""
+        adds it again in ``training_step`` (and it would leak into validation and test losses).
+        Model-side extras that need ``labels=`` (a mixture-of-experts router's auxiliary loss) are
+        not added."""
         labels = batch["labels"]
-        targets = torch.full_like(labels, -100)
-        targets[:, :-1] = labels[:, 1:]  # position t predicts token t + 1
-        keep = targets.ne(-100)
         if self.response_logits_only():
+            targets = torch.full_like(labels, -100)
+            targets[:, :-1] = labels[:, 1:]  # position t predicts token t + 1
+            keep = targets.ne(-100)
             logits = self(batch["input_ids"], batch["attention_mask"], logits_to_keep=keep).logits  # (kept, vocab)
-        else:  # every position; prompt tuning puts its virtual tokens first
-            logits = self(batch["input_ids"], batch["attention_mask"]).logits[:, -labels.shape[1]:][keep]
-        return F.cross_entropy(logits.float(), targets[keep])
+            return F.cross_entropy(logits.float(), targets[keep])
+        logits = self(batch["input_ids"], batch["attention_mask"]).logits
+        virtual = logits.shape[1] - labels.shape[1]  # prompt tuning's virtual tokens come first
+        # the last virtual token predicts the first real one (a packed block may start inside a response)
+        logits, targets = (logits[:, virtual - 1:-1], labels) if virtual > 0 else (logits[:, :-1], labels[:, 1:])
+        keep = targets.ne(-100)
+        return F.cross_entropy(logits[keep].float(), targets[keep])
 
     def response_logits_only(self) -> bool:
         """Whether the backbone can project just the kept positions (see the module's docstring)."""

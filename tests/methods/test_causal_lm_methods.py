@@ -326,5 +326,18 @@ def test_loss_projects_only_response_positions_and_equals_the_full_logits_loss(m
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
-    if isinstance(task.method, methods.LoRA):  # the same loss as transformers' own labels= path
-        torch.testing.assert_close(losses[0], task(batch["input_ids"], batch["attention_mask"], labels=labels).loss.detach())
+    if not isinstance(task.method, methods.AdaLoRA):  # the same loss as transformers' / peft's own labels= path,
+        # also where a packed block starts inside a response (prompt tuning: the last virtual token predicts it)
+        with torch.no_grad():
+            for first in (labels[:, 0], batch["input_ids"][:, 0]):
+                batch["labels"] = torch.cat([first[:, None], labels[:, 1:]], dim=1)
+                expected = task(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss
+                torch.testing.assert_close(task.loss(batch), expected)
+
+
+def test_peft_method_takes_prompt_learning_configs_and_refuses_cpt() -> None:
+    assert methods.PeftMethod("peft.PromptTuningConfig").mergeable is False
+    assert methods.PeftMethod("peft.PrefixTuningConfig").mergeable is False
+    assert methods.PeftMethod("peft.LoHaConfig").mergeable is True
+    with pytest.raises(ConfigError, match="CPTConfig computes its own loss"):
+        methods.PeftMethod("peft.CPTConfig")
