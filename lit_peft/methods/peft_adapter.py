@@ -94,7 +94,7 @@ class PeftMethod(PeftAdapter):
         self.config = dict(config or {})
         import peft
 
-        cls = import_object(config_class)
+        cls = self._config_cls = import_object(config_class)
         self.name = cls.__name__.removesuffix("Config").lower()
         if self.name == "cpt":
             raise ConfigError("peft.CPTConfig computes its own loss from labels passed to the model; lit-peft's tasks "
@@ -109,10 +109,10 @@ class PeftMethod(PeftAdapter):
         return super().target_modules(task, heads)
 
     def takes_targets(self) -> bool:
-        return "target_modules" in {f.name for f in dataclasses.fields(import_object(self.config_class))}
+        return "target_modules" in {f.name for f in dataclasses.fields(self._config_cls)}
 
     def peft_config(self, task, target_modules: Optional[list[str]]) -> Any:
-        cls = import_object(self.config_class)
+        cls = self._config_cls
         kwargs = dict(self.config)
         if target_modules is not None:
             kwargs["target_modules"] = target_modules
