@@ -82,9 +82,13 @@ def main() -> None:
         (out / f"{args.name}.md").write_text(f"SST-2 dev, {budget}, all-MiniLM-L6-v2, CPU\n\n{text}\n")
         (out / f"{args.name}.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(text)
-    full = next((r for r in rows if r["method"] == "full"), None)
-    gaps = {f"{r['method']}@{r.get('epochs', 1)}ep": round(100 * (r["val_acc"] - full["val_acc"]), 2)
-            for r in rows if full and r is not full}
+    # each row against full fine-tuning at the same number of epochs where that was run, else the first full row
+    fulls = {r.get("epochs", 1): r for r in reversed(rows) if r["method"] == "full"}
+    gaps = {}
+    for r in rows:
+        full = fulls.get(r.get("epochs", 1)) or next(iter(fulls.values()), None)
+        if full and r["method"] != "full":
+            gaps[f"{r['method']}@{r.get('epochs', 1)}ep vs full@{full.get('epochs', 1)}ep"] = round(100 * (r["val_acc"] - full["val_acc"]), 2)
     print("gap_vs_full_points=" + json.dumps(gaps))
 
 

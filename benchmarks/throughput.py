@@ -10,7 +10,11 @@ included); a warm-up pass of each runs first. The ways alternate over ``--rounds
 median is kept. Every round's figures and the medians go to ``benchmarks/results/throughput.md``
 and ``throughput.json``. Last line: ``ratio_vs_loop=<x> ratio_vs_trainer=<y>`` (lit-peft over theirs).
 
-    python benchmarks/throughput.py --data_dir ../shared/data/sst2 [--rows 2048] [--rounds 3]
+``--tiny`` swaps MiniLM for a randomly initialised 2-layer BERT of width 32 (MiniLM's tokenizer), so
+that the model's own compute is small and the ratios (and the ms per step printed with them) show
+what each framework adds per step; its results go to ``throughput_tiny.{md,json}``.
+
+    python benchmarks/throughput.py --data_dir ../shared/data/sst2 [--rows 2048] [--rounds 3] [--tiny]
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BATCH, LR, MAX_LENGTH = 32, 1e-3, 64
 
 
-def lit_peft_way(data_dir: str, rows: int) -> float:
+def lit_peft_way(data_dir: str, rows: int, backbone: str) -> float:
     from lightning.pytorch import Trainer
 
     from lit_peft.data import SST2Data
@@ -39,7 +43,7 @@ def lit_peft_way(data_dir: str, rows: int) -> float:
     from lit_peft.methods import LoRA
     from lit_peft.tasks import SequenceClassification
 
-    task = SequenceClassification(backbone="minilm", learning_rate=LR, warmup_ratio=0.0)
+    task = SequenceClassification(backbone=backbone, learning_rate=LR, warmup_ratio=0.0)
     data = SST2Data(data_dir=data_dir, limit_train_rows=rows, batch_size=BATCH, max_length=MAX_LENGTH)
     report = EfficiencyReport(enabled=False)
     trainer = Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
@@ -49,12 +53,12 @@ def lit_peft_way(data_dir: str, rows: int) -> float:
     return report.samples / report.train_seconds
 
 
-def shared_batches(data_dir: str, rows: int):
+def shared_batches(data_dir: str, rows: int, backbone: str):
     """The model lit-peft builds (before the method) and lit-peft's epoch-0 batches, for the others."""
     from lit_peft.data import SST2Data
     from lit_peft.tasks import SequenceClassification
 
-    task = SequenceClassification(backbone="minilm", learning_rate=LR, warmup_ratio=0.0)
+    task = SequenceClassification(backbone=backbone, learning_rate=LR, warmup_ratio=0.0)
     data = SST2Data(data_dir=data_dir, limit_train_rows=rows, batch_size=BATCH, max_length=MAX_LENGTH)
     data._tokenizer = lambda: task.tokenizer
     data.setup("fit")
@@ -62,21 +66,21 @@ def shared_batches(data_dir: str, rows: int):
     return task, data, order
 
 
-def peft_model(task):
+def peft_model(backbone: str):
     from peft import LoraConfig, get_peft_model
 
     from lit_peft.backbones import resolve
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(resolve("minilm"), num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(resolve(backbone), num_labels=2)
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"],
                         modules_to_save=["classifier"], task_type="SEQ_CLS")
     return get_peft_model(model, config).train()
 
 
-def loop_way(data_dir: str, rows: int) -> float:
-    task, data, _ = shared_batches(data_dir, rows)
-    model = peft_model(task)
+def loop_way(data_dir: str, rows: int, backbone: str) -> float:
+    task, data, _ = shared_batches(data_dir, rows, backbone)
+    model = peft_model(backbone)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
     loader = data.train_dataloader()
@@ -94,12 +98,12 @@ def loop_way(data_dir: str, rows: int) -> float:
     return samples / (time.perf_counter() - start)
 
 
-def trainer_way(data_dir: str, rows: int) -> float:
+def trainer_way(data_dir: str, rows: int, backbone: str) -> float:
     from torch.utils.data import SequentialSampler
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-    task, data, order = shared_batches(data_dir, rows)
-    model = peft_model(task)
+    task, data, order = shared_batches(data_dir, rows, backbone)
+    model = peft_model(backbone)
     dataset = [data.datasets["train"][i] for i in order]  # lit-peft's order, read sequentially
 
     class SameOrderTrainer(Trainer):
@@ -117,34 +121,56 @@ def trainer_way(data_dir: str, rows: int) -> float:
     return len(dataset) / metrics["train_runtime"]
 
 
+def tiny_bert(folder: Path) -> str:
+    """A random 2-layer BERT of width 32 with MiniLM's tokenizer: the overhead-bound case."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from lit_peft.backbones import resolve
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve("minilm"))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, num_labels=2)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data" / "sst2"))
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer width-32 BERT: what the frameworks add per step")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
-    torch.manual_seed(0)
-    ways = {"lit-peft": lit_peft_way, "loop": loop_way, "trainer": trainer_way}
-    for fn in ways.values():  # warm-up: first-call costs (imports, allocator) out of the measurement
-        fn(args.data_dir, 4 * BATCH)
-    results: dict[str, list[float]] = {name: [] for name in ways}
-    for r in range(args.rounds):
-        for name, fn in ways.items():
-            results[name].append(fn(args.data_dir, args.rows))
-            print(f"round {r + 1} {name}: {results[name][-1]:.1f} samples/s", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        backbone = tiny_bert(Path(tmp)) if args.tiny else "minilm"
+        torch.manual_seed(0)
+        ways = {"lit-peft": lit_peft_way, "loop": loop_way, "trainer": trainer_way}
+        for fn in ways.values():  # warm-up: first-call costs (imports, allocator) out of the measurement
+            fn(args.data_dir, 4 * BATCH, backbone)
+        results: dict[str, list[float]] = {name: [] for name in ways}
+        for r in range(args.rounds):
+            for name, fn in ways.items():
+                results[name].append(fn(args.data_dir, args.rows, backbone))
+                print(f"round {r + 1} {name}: {results[name][-1]:.1f} samples/s", flush=True)
     median = {name: statistics.median(v) for name, v in results.items()}
+    model = "a random 2-layer width-32 BERT (--tiny)" if args.tiny else "all-MiniLM-L6-v2"
     setting = f"threads={torch.get_num_threads()} rows={args.rows} batch={BATCH} rounds={args.rounds}"
     ratios = f"ratio_vs_loop={median['lit-peft'] / median['loop']:.3f} ratio_vs_trainer={median['lit-peft'] / median['trainer']:.3f}"
-    lines = [f"LoRA r=8 (query, value) on all-MiniLM-L6-v2, SST-2 batches, {setting}", "",
-             "| way | median samples/s | every round |", "|---|---|---|"]
-    lines += [f"| {name} | {median[name]:.1f} | {', '.join(f'{v:.1f}' for v in values)} |" for name, values in results.items()]
+    lines = [f"LoRA r=8 (query, value) on {model}, SST-2 batches, {setting}", "",
+             "| way | median samples/s | ms per step (batch 32) | every round |", "|---|---|---|---|"]
+    lines += [f"| {name} | {median[name]:.1f} | {1000 * BATCH / median[name]:.2f} | {', '.join(f'{v:.1f}' for v in values)} |"
+              for name, values in results.items()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "throughput.md").write_text("\n".join(lines + ["", ratios]) + "\n")
-    (out / "throughput.json").write_text(json.dumps({"setting": setting, "rounds": results, "median": median}, indent=2) + "\n")
+    stem = "throughput_tiny" if args.tiny else "throughput"
+    (out / f"{stem}.md").write_text("\n".join(lines + ["", ratios]) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps({"model": model, "setting": setting, "rounds": results, "median": median},
+                                                indent=2) + "\n")
     print(setting + " " + " ".join(f"{k}={v:.1f}" for k, v in median.items()))
     print(ratios)
 
