@@ -4,6 +4,7 @@ afresh every epoch and every validation run."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from lightning.pytorch import Callback
 from torch import nn
@@ -21,6 +22,7 @@ class NoDropoutRecorder(Callback):
     def __init__(self) -> None:
         self.correct: list[int] = []
         self.seen: list[int] = []
+        self.pairs: list[tuple[int, int]] = []  # (prediction, label) of the current epoch
         self.logged: list[dict[str, float]] = []
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -31,12 +33,14 @@ class NoDropoutRecorder(Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self.correct.append(0)
         self.seen.append(0)
+        self.pairs = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         with torch.no_grad():
             preds = pl_module(**pl_module._inputs(batch)).argmax(-1)
         self.correct[-1] += int((preds == batch["labels"]).sum())
         self.seen[-1] += len(preds)
+        self.pairs += list(zip(preds.tolist(), batch["labels"].tolist()))
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self.logged.append({k: float(v) for k, v in trainer.callback_metrics.items()})
@@ -64,7 +68,9 @@ def test_epoch_metrics_equal_the_epochs_own_predictions(tiny_bert, toy_data) -> 
     assert recorder.correct[0] != recorder.correct[1]  # the model changed, so a mixed count would differ
     logged = trainer.callback_metrics
     assert float(logged["train_acc"]) == recorder.correct[1] / 256
-    assert 0.0 <= float(logged["train_f1"]) <= 1.0
+    tp = sum(p == 1 and y == 1 for p, y in recorder.pairs)
+    wrong = sum(p != y for p, y in recorder.pairs)
+    assert float(logged["train_f1"]) == pytest.approx(2 * tp / (2 * tp + wrong), abs=1e-6)  # binary F1
 
     # validation after each epoch: the model as it then was, on the dev rows only
     assert len(recorder.logged) == 2 and recorder.logged[0]["val_acc"] != recorder.logged[1]["val_acc"]
