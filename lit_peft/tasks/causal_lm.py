@@ -143,7 +143,7 @@ class CausalLM(PeftTask):
         size = batch["input_ids"].shape[0]
         self.log(f"{stage}_loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=size)
         if stage == "test" or (stage == "val" and self.generate_in_validation):
-            self.score(self.generate(batch), batch["references"], stage, size)
+            self.score(self.generate(batch), batch["references"], stage)
         return loss
 
     # ---- generation and scoring -------------------------------------------------------------------
@@ -167,32 +167,27 @@ class CausalLM(PeftTask):
         out = self.backbone.generate(input_ids=prompts, attention_mask=batch["prompt_attention_mask"], **options)
         return out[:, prompts.shape[1]:]
 
-    def score(self, generations: list[str], references: list[str], stage: str, size: int) -> None:
+    def score(self, generations: list[str], references: list[str], stage: str) -> None:
         if self.metric_name == "exact_match":
             metric = getattr(self, f"{stage}_exact_match")
             hits = [float(extract_answer(g) == r) for g, r in zip(generations, references)]
             metric.update(torch.tensor(hits, device=self.device))
-            self.log(f"{stage}_exact_match", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=size)
         elif self.metric_name == "rouge":
-            metric = getattr(self, f"{stage}_rouge")
-            metric.update(generations, references)
-            self._rouge_stage = stage  # ROUGE's dict result is logged once, at the epoch's end
+            getattr(self, f"{stage}_rouge").update(generations, references)
         else:
             raise ConfigError(f"unknown metric '{self.metric_name}'; use exact_match or rouge")
 
-    def _log_rouge(self, stage: str) -> None:
-        metric = getattr(self, f"{stage}_rouge")
-        if getattr(self, "_rouge_stage", None) == stage:
-            values = metric.compute()
-            self.log_dict({f"{stage}_{k}": values[f"{k}_fmeasure"] for k in ROUGE_KEYS}, prog_bar=True)
-            metric.reset()
-            self._rouge_stage = None
+    def _log_scores(self, stage: str) -> None:
+        """The stage's generation scores, once at the epoch's end (only a metric that was updated logs)."""
+        self.log_accumulated(getattr(self, f"{stage}_exact_match"), lambda value: {f"{stage}_exact_match": value})
+        self.log_accumulated(getattr(self, f"{stage}_rouge"),
+                             lambda values: {f"{stage}_{k}": values[f"{k}_fmeasure"] for k in ROUGE_KEYS})
 
     def on_validation_epoch_end(self) -> None:
-        self._log_rouge("val")
+        self._log_scores("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_rouge("test")
+        self._log_scores("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         generations = self.generate(batch, sample=True)

@@ -16,13 +16,11 @@ from lit_peft.tasks import SequenceClassification
 
 class NoDropoutRecorder(Callback):
     """Turns dropout off (so a training batch's predictions do not depend on the random stream) and
-    records, for every epoch, how many training predictions the model got right before each step,
-    and the logged epoch metrics."""
+    records, for every epoch, the model's (prediction, label) pairs before each training step, and
+    the metrics logged after each validation."""
 
     def __init__(self) -> None:
-        self.correct: list[int] = []
-        self.seen: list[int] = []
-        self.pairs: list[tuple[int, int]] = []  # (prediction, label) of the current epoch
+        self.epochs: list[list[tuple[int, int]]] = []
         self.logged: list[dict[str, float]] = []
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -31,16 +29,12 @@ class NoDropoutRecorder(Callback):
                 module.p = 0.0
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.correct.append(0)
-        self.seen.append(0)
-        self.pairs = []
+        self.epochs.append([])
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         with torch.no_grad():
             preds = pl_module(**pl_module._inputs(batch)).argmax(-1)
-        self.correct[-1] += int((preds == batch["labels"]).sum())
-        self.seen[-1] += len(preds)
-        self.pairs += list(zip(preds.tolist(), batch["labels"].tolist()))
+        self.epochs[-1] += zip(preds.tolist(), batch["labels"].tolist())
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self.logged.append({k: float(v) for k, v in trainer.callback_metrics.items()})
@@ -64,12 +58,14 @@ def test_epoch_metrics_equal_the_epochs_own_predictions(tiny_bert, toy_data) -> 
     trainer.fit(task, datamodule=data)
 
     # training accuracy of the last epoch: that epoch's predictions only (the first epoch's were reset)
-    assert recorder.seen == [256, 256]
-    assert recorder.correct[0] != recorder.correct[1]  # the model changed, so a mixed count would differ
+    assert [len(pairs) for pairs in recorder.epochs] == [256, 256]
+    correct = [sum(p == y for p, y in pairs) for pairs in recorder.epochs]
+    assert correct[0] != correct[1]  # the model changed, so a mixed count would differ
     logged = trainer.callback_metrics
-    assert float(logged["train_acc"]) == recorder.correct[1] / 256
-    tp = sum(p == 1 and y == 1 for p, y in recorder.pairs)
-    wrong = sum(p != y for p, y in recorder.pairs)
+    assert float(logged["train_acc"]) == correct[1] / 256
+    last = recorder.epochs[1]
+    tp = sum(p == 1 and y == 1 for p, y in last)
+    wrong = sum(p != y for p, y in last)
     assert float(logged["train_f1"]) == pytest.approx(2 * tp / (2 * tp + wrong), abs=1e-6)  # binary F1
 
     # validation after each epoch: the model as it then was, on the dev rows only
