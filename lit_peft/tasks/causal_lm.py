@@ -24,6 +24,7 @@ from typing import Any, Literal, Optional
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from peft import PeftType
 from torch import nn
 
 from lit_peft import backbones
@@ -138,10 +139,20 @@ class CausalLM(PeftTask):
         base = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
         return "logits_to_keep" in inspect.signature(base.forward).parameters
 
+    def response_tokens(self, batch: dict[str, Any]) -> int:
+        """How many tokens ``loss`` averages over: each label after the first, and the first too where
+        the backbone puts virtual tokens before the input (prompt tuning; prefix tuning does not)."""
+        config = getattr(self.backbone, "active_peft_config", None)
+        virtual = config is not None and config.is_prompt_learning and config.peft_type != PeftType.PREFIX_TUNING
+        labels = batch["labels"] if virtual else batch["labels"][:, 1:]
+        return int(labels.ne(-100).sum())
+
     def step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         loss = self.loss(batch)
-        size = batch["input_ids"].shape[0]
-        self.log(f"{stage}_loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=size)
+        if stage == "train":  # per step, weighted by rows (counting tokens would sync a GPU every step)
+            self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        else:  # the mean over all response tokens of the split, whatever the eval batch size
+            self.log(f"{stage}_loss", loss, on_epoch=True, prog_bar=True, batch_size=self.response_tokens(batch))
         if stage == "test" or (stage == "val" and self.generate_in_validation):
             self.score(self.generate(batch), batch["references"], stage)
         return loss
