@@ -6,9 +6,10 @@ over the same SST-2 batches in one run:
 3. transformers' ``Trainer`` with the same peft model, rows, order and batch size.
 
 Each measures samples per second over the whole pass (data loading and framework overhead
-included); a warm-up pass of each runs first. The ways alternate over ``--rounds`` rounds and the
-median is kept. Every round's figures and the medians go to ``benchmarks/results/throughput.md``
-and ``throughput.json``. Last line: ``ratio_vs_loop=<x> ratio_vs_trainer=<y>`` (lit-peft over theirs).
+included); a warm-up pass of each runs first. The ways alternate over ``--rounds`` rounds, in an
+order that rotates from round to round (with a multiple of three rounds each way runs first, second
+and third equally often), and the median is kept. Every round's figures and the medians go to
+``benchmarks/results/throughput.md`` and ``throughput.json``. Last line: ``ratio_vs_loop=<x> ratio_vs_trainer=<y>`` (lit-peft over theirs).
 
 ``--tiny`` swaps MiniLM for a randomly initialised 2-layer BERT of width 32 (MiniLM's tokenizer), so
 that the model's own compute is small and the ratios (and the ms per step printed with them) show
@@ -153,9 +154,10 @@ def main() -> None:
         for fn in ways.values():  # warm-up: first-call costs (imports, allocator) out of the measurement
             fn(args.data_dir, 4 * BATCH, backbone)
         results: dict[str, list[float]] = {name: [] for name in ways}
-        for r in range(args.rounds):
-            for name, fn in ways.items():
-                results[name].append(fn(args.data_dir, args.rows, backbone))
+        names = list(ways)
+        for r in range(args.rounds):  # the order rotates, so no way always runs first or after the same one
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                results[name].append(ways[name](args.data_dir, args.rows, backbone))
                 print(f"round {r + 1} {name}: {results[name][-1]:.1f} samples/s", flush=True)
     median = {name: statistics.median(v) for name, v in results.items()}
     model = "a random 2-layer width-32 BERT (--tiny)" if args.tiny else "all-MiniLM-L6-v2"

@@ -150,7 +150,8 @@ class CausalLM(PeftTask):
     def step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         loss = self.loss(batch)
         if stage == "train":  # per step, weighted by rows (counting tokens would sync a GPU every step)
-            self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+            rows = batch["input_ids"].shape[0]
+            self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=rows)
         else:  # the mean over all response tokens of the split, whatever the eval batch size
             self.log(f"{stage}_loss", loss, on_epoch=True, prog_bar=True, batch_size=self.response_tokens(batch))
         if stage == "test" or (stage == "val" and self.generate_in_validation):
