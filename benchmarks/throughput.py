@@ -9,7 +9,8 @@ Each measures samples per second over the whole pass (data loading and framework
 included); a warm-up pass of each runs first. The ways alternate over ``--rounds`` rounds, in an
 order that rotates from round to round (with a multiple of three rounds each way runs first, second
 and third equally often), and the median is kept. Every round's figures and the medians go to
-``benchmarks/results/throughput.md`` and ``throughput.json``. Last line: ``ratio_vs_loop=<x> ratio_vs_trainer=<y>`` (lit-peft over theirs).
+``benchmarks/results/throughput.md`` and ``throughput.json``. Last line:
+``ratio_vs_loop=<x> ratio_vs_trainer=<y>`` (lit-peft over theirs).
 
 ``--tiny`` swaps MiniLM for a randomly initialised 2-layer BERT of width 32 (MiniLM's tokenizer), so
 that the model's own compute is small and the ratios (and the ms per step printed with them) show
