@@ -106,7 +106,9 @@ def trainer_way(data_dir: str, rows: int, backbone: str) -> float:
 
     task, data, order = shared_batches(data_dir, rows, backbone)
     model = peft_model(backbone)
-    dataset = [data.datasets["train"][i] for i in order]  # lit-peft's order, read sequentially
+    # lit-peft's rows in lit-peft's order, read sequentially; as lists, the way a Trainer user's
+    # tokenized dataset holds them (DataCollatorWithPadding would first turn tensors back into lists)
+    dataset = [{k: v.tolist() if torch.is_tensor(v) else v for k, v in data.datasets["train"][i].items()} for i in order]
 
     class SameOrderTrainer(Trainer):
         def _get_train_sampler(self, *args, **kwargs):

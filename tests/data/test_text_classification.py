@@ -131,3 +131,33 @@ def test_no_validation_split_is_refused_before_training(tmp_path) -> None:
     (tmp_path / "train.csv").write_text("text,label\ngood,1\nbad,0\n")
     with pytest.raises(ConfigError, match="val_fraction=0 without val_file leaves nothing to validate on"):
         TextClassificationData(train_file=str(tmp_path / "train.csv"), val_fraction=0.0)
+
+
+@pytest.mark.parametrize("side, pad", [("right", "[PAD]"), ("left", "[MASK]")])
+def test_batches_equal_transformers_padding(side, pad, tmp_path, tokenizer) -> None:
+    """Our PadCollator gives the batches transformers' DataCollatorWithPadding gives (text pairs, so
+    token_type_ids vary; a pad id other than 0 and left padding in the second case)."""
+    import copy
+
+    import torch
+    from transformers import DataCollatorWithPadding
+
+    tok = copy.deepcopy(tokenizer)
+    tok.padding_side, tok.pad_token = side, pad
+    rows = [{"a": "short " * (1 + i % 7), "b": "pair text " * (i % 4 + 1), "label": i % 2} for i in range(20)]
+    train = write(tmp_path / "train.jsonl", rows)
+    data = setup(TextClassificationData(train_file=str(train), text_column="a", text_pair_column="b",
+                                        val_file=str(train), batch_size=8), tok)
+    reference = DataCollatorWithPadding(tok, return_tensors="pt")
+    for batch_rows in (list(data.datasets["train"])[i:i + 8] for i in range(0, 20, 8)):
+        ours = data.collate(batch_rows)
+        theirs = reference([{k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in r.items()}
+                            for r in batch_rows])
+        assert ours.keys() == theirs.keys() == {"input_ids", "token_type_ids", "attention_mask", "labels"}
+        for key in ours:
+            assert torch.equal(ours[key], theirs[key]), key
+        lengths = {len(r["input_ids"]) for r in batch_rows}
+        assert len(lengths) > 1  # the batch really needed padding
+        pad_id = tok.convert_tokens_to_ids(pad)
+        edge = ours["input_ids"][:, 0 if side == "left" else -1]
+        assert (edge == pad_id).any()
