@@ -57,3 +57,48 @@ def test_weight_decay_multipliers_make_groups_from_the_config(tiny_bert) -> None
     methods.LoRA(r=4).attach(typo)
     with pytest.raises(ConfigError, match=r"weight_decay_multipliers pattern\(s\) \['clasifier'\] match no trainable"):
         typo.configure_optimizers()
+
+
+def test_adamw_is_fused_and_gives_torchs_update(tiny_bert) -> None:
+    """The task's AdamW is the fused kernel (as transformers' Trainer uses by default) and updates the
+    weights as torch's per-tensor AdamW does with the same groups, to rounding."""
+    import torch
+
+    task = SequenceClassification(backbone=tiny_bert, learning_rate=1e-2, weight_decay=0.1, lr_schedule="constant",
+                                  warmup_ratio=0.0)
+    methods.LoRA(r=4).attach(task)
+    optimizer = task.configure_optimizers()["optimizer"]
+    assert all(g["fused"] for g in optimizer.param_groups)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    start = [p.detach().clone() for p in params]
+    reference_params = [torch.nn.Parameter(p.clone()) for p in start]
+    by_id = dict(zip(map(id, params), reference_params))
+    reference = torch.optim.AdamW([{**{k: v for k, v in g.items() if k not in ("params", "fused", "initial_lr")},
+                                    "params": [by_id[id(p)] for p in g["params"]]} for g in optimizer.param_groups],
+                                  foreach=False)
+    torch.manual_seed(0)
+    for _ in range(3):
+        for p, q in zip(params, reference_params):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        optimizer.step()
+        reference.step()
+    for p, q, s in zip(params, reference_params, start):
+        assert not torch.equal(p, s)
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision, clip, fused", [("32-true", 1.0, True), ("bf16-mixed", None, True),
+                                                    ("bf16-mixed", 1.0, False)])
+def test_no_fused_adamw_where_lightning_refuses_to_clip_it(precision, clip, fused, tiny_bert, toy_data) -> None:
+    """Lightning refuses gradient clipping under AMP with a fused optimizer; there the task falls
+    back to torch's default AdamW, and the run trains."""
+    from conftest import quiet_trainer
+    from lit_peft.data import SST2Data
+
+    task = SequenceClassification(backbone=tiny_bert, learning_rate=1e-3)
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, precision=precision, gradient_clip_val=clip,
+                            callbacks=[methods.LoRA(r=4)])
+    trainer.fit(task, datamodule=SST2Data(data_dir=str(toy_data), batch_size=8, limit_train_rows=16))
+    assert trainer.global_step == 2
+    assert all(bool(g["fused"]) == fused for g in trainer.optimizers[0].param_groups)
