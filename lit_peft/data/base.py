@@ -32,34 +32,75 @@ class TokenizedDataset(Dataset):
         return self.encodings[i]
 
 
-def as_rows(encodings: dict[str, list[list[int]]], extra: Optional[list[dict[str, Any]]] = None) -> list[dict[str, Any]]:
-    """A tokenizer's batch output as one dict per row whose sequences are 1-D long tensors (views
-    into one tensor per key, built in a single call), ready for ``PadCollator``; ``extra[i]`` is
-    merged into row ``i`` (labels)."""
-    columns = {}
-    for key, seqs in encodings.items():
-        lengths = [len(s) for s in seqs]
-        columns[key] = torch.tensor(list(itertools.chain.from_iterable(seqs)), dtype=torch.long).split(lengths)
-    n = len(next(iter(encodings.values()))) if encodings else 0
-    return [{**{k: v[i] for k, v in columns.items()}, **(extra[i] if extra else {})} for i in range(n)]
+class TokenColumns(Dataset):
+    """Tokenized rows stored by column: for each sequence key (``input_ids``, ``attention_mask``,
+    ``token_type_ids``) one flat int32 tensor of every row's tokens, with the rows' offsets into
+    it, and each scalar key (``labels``) as one tensor. A row (``ds[i]``) is a dict of 1-D tensors;
+    a batch fetched by the DataLoader (``__getitems__``) is a ``RowSelection`` that ``PadCollator``
+    pads with one gather per key. Python lists of ints (what a tokenizer returns) take several times
+    the memory, and padding them is the slow part of ``DataCollatorWithPadding``."""
+
+    def __init__(self, encodings: dict[str, list[list[int]]], scalars: Optional[dict[str, list[int]]] = None) -> None:
+        keys = list(encodings)
+        if not keys:
+            raise ValueError("TokenColumns needs at least one tokenized column")
+        lengths = [len(r) for r in encodings[keys[0]]]
+        self.offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
+        torch.cumsum(torch.tensor(lengths, dtype=torch.long), 0, out=self.offsets[1:])
+        self.columns = {}
+        for key in keys:
+            if [len(r) for r in encodings[key]] != lengths:
+                raise ValueError(f"tokenized column '{key}' has rows of other lengths than '{keys[0]}'")
+            self.columns[key] = torch.tensor(list(itertools.chain.from_iterable(encodings[key])), dtype=torch.int32)
+        self.scalars = {k: torch.tensor(v, dtype=torch.long) for k, v in (scalars or {}).items()}
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i = i % len(self)
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        row: dict[str, Any] = {k: v[start:end].long() for k, v in self.columns.items()}
+        row.update({k: int(v[i]) for k, v in self.scalars.items()})
+        return row
+
+    def __getitems__(self, indices: list[int]) -> "RowSelection":
+        return RowSelection(self, indices)
+
+
+class RowSelection:
+    """The rows of a ``TokenColumns`` that make a batch (what ``PadCollator`` pads)."""
+
+    def __init__(self, dataset: TokenColumns, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 class PadCollator:
     """Pad a batch of rows to its longest row: each 1-D tensor key with its pad value (``pad_values``;
     0 for keys not named), on the tokenizer's padding side; scalar keys (labels) become a tensor.
 
+    A batch from a ``TokenColumns`` (a ``RowSelection``) is padded with one gather per key; a list
+    of row dicts (1-D tensors) with ``pad_sequence``.
+
     Our own rather than transformers' ``DataCollatorWithPadding``: that one pads Python lists
-    through ``tokenizer.pad``, 0.70 ms for a batch of 32 SST-2 rows on one core here, against
-    0.16 ms for ``pad_sequence`` over rows tokenized to tensors once in ``setup``. Per step that is
-    about 4% of a tiny model's step (``benchmarks/throughput.py --tiny``); the batches are the same.
-    """
+    through ``tokenizer.pad``: 0.72 ms for a batch of 32 SST-2 rows on this 2-core machine, against
+    0.09 ms for the gather. Swapping it in took a tiny model's training step from 11.08 to about
+    10.4 ms (``benchmarks/throughput.py --tiny``); the batches are the same
+    (``tests/data/test_text_classification.py``)."""
 
     def __init__(self, pad_values: dict[str, int], padding_side: str = "right") -> None:
         if padding_side not in ("right", "left"):
             raise ConfigError(f"padding_side must be 'right' or 'left', not '{padding_side}'")
         self.pad_values, self.padding_side = pad_values, padding_side
 
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: "RowSelection | list[dict[str, Any]]") -> dict[str, torch.Tensor]:
+        if isinstance(rows, RowSelection):
+            return self._gather(rows)
         batch = {}
         for key, first in rows[0].items():
             values = [r[key] for r in rows]
@@ -68,6 +109,24 @@ class PadCollator:
                                           padding_side=self.padding_side)
             else:
                 batch[key] = torch.tensor(values)
+        return batch
+
+    def _gather(self, selection: RowSelection) -> dict[str, torch.Tensor]:
+        ds = selection.dataset
+        index = torch.as_tensor(selection.indices, dtype=torch.long)
+        starts = ds.offsets[index]
+        lengths = ds.offsets[index + 1] - starts
+        steps = torch.arange(int(lengths.max()))
+        if self.padding_side == "left":
+            pads = (len(steps) - lengths)[:, None]
+            valid = steps >= pads
+        else:
+            pads, valid = 0, steps < lengths[:, None]
+        positions = torch.where(valid, starts[:, None] + steps - pads, 0)
+        batch = {}
+        for key, column in ds.columns.items():
+            batch[key] = column[positions].long().masked_fill_(~valid, self.pad_values.get(key, 0))
+        batch.update({key: column[index] for key, column in ds.scalars.items()})
         return batch
 
 
@@ -99,7 +158,7 @@ class EpochShuffle(Sampler[int]):
 class TokenizedDataModule(LightningDataModule):
     """Tokenizer lookup and the four loaders over ``self.datasets``."""
 
-    datasets: dict[str, TokenizedDataset]
+    datasets: dict[str, Dataset]  # TokenizedDataset (row dicts) or TokenColumns
 
     def collate_fn(self, train: bool) -> Callable:
         raise NotImplementedError

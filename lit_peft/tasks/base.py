@@ -231,8 +231,8 @@ class PeftTask(LightningModule, abc.ABC):
 def adamw(groups: list[dict[str, Any]], lr: float, fused: bool = True) -> torch.optim.AdamW:
     """torch's AdamW, fused (one kernel over every tensor rather than a Python loop over them) when
     ``fused`` and every trainable tensor is floating point on a CPU or CUDA device, as transformers'
-    Trainer does by default. For LoRA r=8 on MiniLM's query and value (26 tensors) a step of it takes 0.27 ms
-    against 0.96 ms on one CPU core here; the update is the same AdamW, up to rounding."""
+    Trainer does by default. For LoRA r=8 on MiniLM's query and value (26 tensors, 74,498 values) a step takes 0.18
+    ms against 0.70 ms on one CPU thread here; the update is the same AdamW, up to rounding."""
     params = [p for g in groups for p in g["params"]]
     if fused and params and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params):
         try:

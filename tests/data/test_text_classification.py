@@ -149,15 +149,38 @@ def test_batches_equal_transformers_padding(side, pad, tmp_path, tokenizer) -> N
     data = setup(TextClassificationData(train_file=str(train), text_column="a", text_pair_column="b",
                                         val_file=str(train), batch_size=8), tok)
     reference = DataCollatorWithPadding(tok, return_tensors="pt")
-    for batch_rows in (list(data.datasets["train"])[i:i + 8] for i in range(0, 20, 8)):
-        ours = data.collate(batch_rows)
+    dataset = data.datasets["train"]
+    rows = [dataset[i] for i in range(len(dataset))]
+    # the loader's batches (gathered from the columns, in a shuffled order) and a list of row dicts
+    loader_batches = list(data.train_dataloader())
+    order = list(data.train_dataloader().sampler)
+    assert len(loader_batches) == 3
+    for b, batch in enumerate(loader_batches):
+        batch_rows = [rows[i] for i in order[8 * b:8 * b + 8]]
         theirs = reference([{k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in r.items()}
                             for r in batch_rows])
-        assert ours.keys() == theirs.keys() == {"input_ids", "token_type_ids", "attention_mask", "labels"}
-        for key in ours:
-            assert torch.equal(ours[key], theirs[key]), key
-        lengths = {len(r["input_ids"]) for r in batch_rows}
-        assert len(lengths) > 1  # the batch really needed padding
-        pad_id = tok.convert_tokens_to_ids(pad)
-        edge = ours["input_ids"][:, 0 if side == "left" else -1]
-        assert (edge == pad_id).any()
+        for ours in (batch, data.collate(batch_rows)):
+            assert ours.keys() == theirs.keys() == {"input_ids", "token_type_ids", "attention_mask", "labels"}
+            for key in ours:
+                assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
+        assert len({len(r["input_ids"]) for r in batch_rows}) > 1  # the batch really needed padding
+        edge = batch["input_ids"][:, 0 if side == "left" else -1]
+        assert (edge == tok.convert_tokens_to_ids(pad)).any()
+
+
+def test_token_columns_give_back_each_row() -> None:
+    import torch
+
+    from lit_peft.data.base import TokenColumns
+
+    enc = {"input_ids": [[5, 6, 7], [8], [9, 10]], "attention_mask": [[1, 1, 1], [1], [1, 1]]}
+    ds = TokenColumns(enc, {"labels": [1, 0, 1]})
+    assert len(ds) == 3 and ds.columns["input_ids"].dtype == torch.int32
+    rows = list(ds)  # iteration stops at the end (IndexError)
+    assert [r["input_ids"].tolist() for r in rows] == enc["input_ids"] and [r["labels"] for r in rows] == [1, 0, 1]
+    assert rows[0]["input_ids"].dtype == torch.long  # what embeddings take
+    assert ds[-1]["input_ids"].tolist() == [9, 10]
+    with pytest.raises(IndexError):
+        ds[3]
+    with pytest.raises(ValueError, match="'attention_mask' has rows of other lengths"):
+        TokenColumns({"input_ids": [[1, 2]], "attention_mask": [[1]]})
