@@ -144,7 +144,7 @@ def tiny_bert(folder: Path) -> str:
 def paired_ratios(ours: list[float], theirs: list[float]) -> dict:
     """lit-peft over another way round by round: median, mean, its standard error, rounds won."""
     ratios = [a / b for a, b in zip(ours, theirs)]
-    se = statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else float("nan")
+    se = statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else None  # JSON has no NaN
     return {"ratios": ratios, "median": statistics.median(ratios), "mean": statistics.fmean(ratios), "se": se,
             "faster": sum(r > 1 for r in ratios)}
 
@@ -183,7 +183,7 @@ def main() -> None:
     lines += ["", "Round by round (lit-peft over the other way in the same round, which cancels drift in the "
               "machine's speed between rounds):", "",
               "| vs | median | mean ± standard error | rounds lit-peft was faster |", "|---|---|---|---|"]
-    lines += [f"| {other} | {p['median']:.4f} | {p['mean']:.4f} ± {p['se']:.4f} | {p['faster']} of {len(p['ratios'])} |"
+    lines += [f"| {other} | {p['median']:.4f} | {p['mean']:.4f} ± {'-' if p['se'] is None else format(p['se'], '.4f')} | {p['faster']} of {len(p['ratios'])} |"
               for other, p in paired.items()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@ tokenized splits, and loaders. The training loader is torchdata's ``StatefulData
 sampler that draws each epoch's order from (seed, epoch) alone, so a resumed run sees the batches
 an uninterrupted one would; evaluation loaders have a generator of their own.
 
-Subclasses fill ``self.datasets`` (split -> ``TokenizedDataset``) in ``setup``, keep their settings
+Subclasses fill ``self.datasets`` (split -> ``TokenizedDataset`` of row dicts, or ``TokenColumns``) in ``setup``, keep their settings
 in ``self.cfg`` (tokenizer, batch_size, eval_batch_size, num_workers, seed) and give
 ``collate_fn(train)``.
 """
@@ -11,6 +11,7 @@ in ``self.cfg`` (tokenizer, batch_size, eval_batch_size, num_workers, seed) and 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
 import torch
@@ -35,9 +36,10 @@ class TokenizedDataset(Dataset):
 class TokenColumns(Dataset):
     """Tokenized rows stored by column: for each sequence key (``input_ids``, ``attention_mask``,
     ``token_type_ids``) one flat int32 tensor of every row's tokens, with the rows' offsets into
-    it, and each scalar key (``labels``) as one tensor. A row (``ds[i]``) is a dict of 1-D tensors;
-    a batch fetched by the DataLoader (``__getitems__``) is a ``RowSelection`` that ``PadCollator``
-    pads with one gather per key. Python lists of ints (what a tokenizer returns) take several times
+    it, and each integer scalar key (``labels``) as one long tensor. A row (``ds[i]``) is a dict of
+    1-D long tensors and Python ints; a batch fetched by the DataLoader (``__getitems__``) is a
+    ``RowSelection``, which ``PadCollator`` pads with one gather per key and any other collate
+    function reads as a sequence of rows. Python lists of ints (what a tokenizer returns) take several times
     the memory, and padding them is the slow part of ``DataCollatorWithPadding``."""
 
     def __init__(self, encodings: dict[str, list[list[int]]], scalars: Optional[dict[str, list[int]]] = None) -> None:
@@ -70,14 +72,25 @@ class TokenColumns(Dataset):
         return RowSelection(self, indices)
 
 
-class RowSelection:
-    """The rows of a ``TokenColumns`` that make a batch (what ``PadCollator`` pads)."""
+class RowSelection(Sequence):
+    """The rows of a ``TokenColumns`` that make a batch: ``PadCollator`` pads them with one gather
+    per key; to any other collate function (``default_collate``, a subclass's own) it is the
+    sequence of row dicts a DataLoader would have fetched one by one."""
 
     def __init__(self, dataset: TokenColumns, indices: list[int]) -> None:
-        self.dataset, self.indices = dataset, indices
+        n = len(dataset)
+        for i in indices:
+            if not -n <= i < n:
+                raise IndexError(f"row {i} of {n}")
+        self.dataset, self.indices = dataset, [i % n for i in indices]
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self.dataset[i] for i in self.indices[k]]
+        return self.dataset[self.indices[k]]
 
 
 class PadCollator:

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from lit_peft.data.base import EpochShuffle, PadCollator, TokenColumns, TokenizedDataModule, TokenizedDataset  # noqa: F401 (re-exported)
+from lit_peft.data.base import EpochShuffle, PadCollator, TokenColumns, TokenizedDataModule  # noqa: F401 (re-exported)
 from lit_peft.errors import ConfigError
 
 
@@ -144,7 +144,7 @@ class TextClassificationData(TokenizedDataModule):
             raise ConfigError("val_fraction=0 without val_file leaves nothing to validate on; give val_file, "
                               "or a val_fraction above 0")
         self.splits: dict[str, list[Example]] = {}
-        self.datasets: dict[str, TokenizedDataset] = {}
+        self.datasets: dict[str, TokenColumns] = {}
 
     # ---- where rows come from: subclasses override ``load_splits`` -----------------------------
     def examples(self, path: Optional[str], with_labels: bool = True) -> Optional[list[Example]]:
@@ -187,6 +187,9 @@ class TextClassificationData(TokenizedDataModule):
             return
         h = self.cfg
         tokenizer = self._tokenizer()
+        if tokenizer.pad_token_id is None:
+            raise ConfigError(f"the tokenizer ({getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)}) has no "
+                              "padding token, so batches cannot be padded; give it one (tokenizer.pad_token = ...)")
         rng = random.Random(h.seed)
         for split, rows in self.load_splits().items():
             if not rows:

@@ -184,3 +184,42 @@ def test_token_columns_give_back_each_row() -> None:
         ds[3]
     with pytest.raises(ValueError, match="'attention_mask' has rows of other lengths"):
         TokenColumns({"input_ids": [[1, 2]], "attention_mask": [[1]]})
+
+
+def test_a_fetched_batch_is_a_sequence_of_rows_for_any_collate() -> None:
+    """What the loader fetches (``__getitems__``) pads by gather in PadCollator, reads as rows for
+    any other collate function, and takes negative indices as rows from the end, tokens and labels
+    together; a one-row batch needs no padding."""
+    import torch
+    from torch.utils.data import DataLoader, default_collate
+
+    from lit_peft.data.base import PadCollator, TokenColumns
+
+    ds = TokenColumns({"input_ids": [[5, 6, 7], [8], [9, 10]]}, {"labels": [0, 1, 2]})
+    selection = ds.__getitems__([2, -3, -2])
+    assert [r["labels"] for r in selection] == [2, 0, 1]
+    assert [r["input_ids"].tolist() for r in selection[1:]] == [[5, 6, 7], [8]]
+    collate = PadCollator({"input_ids": 0}, "left")
+    batch = collate(selection)
+    assert batch["input_ids"].tolist() == [[0, 9, 10], [5, 6, 7], [0, 0, 8]] and batch["labels"].tolist() == [2, 0, 1]
+    one = collate(ds.__getitems__([1]))
+    assert one["input_ids"].tolist() == [[8]] and one["labels"].tolist() == [1]
+    with pytest.raises(IndexError):
+        ds.__getitems__([3])
+    # a collate function of the user's own gets rows, as it would without __getitems__
+    loader = DataLoader(ds, batch_size=3, collate_fn=lambda rows: [r["input_ids"].sum().item() for r in rows])
+    assert next(iter(loader)) == [18, 8, 19]
+    same_length = TokenColumns({"input_ids": [[1, 2], [3, 4]]}, {"labels": [0, 1]})
+    stacked = default_collate(same_length.__getitems__([0, 1]))
+    assert torch.equal(stacked["input_ids"], torch.tensor([[1, 2], [3, 4]]))
+
+
+def test_a_tokenizer_without_a_pad_token_is_named(tmp_path, tokenizer) -> None:
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.pad_token = None
+    train = write(tmp_path / "train.jsonl", ROWS)
+    with pytest.raises(ConfigError, match="has no padding token"):
+        setup(TextClassificationData(train_file=str(train), text_column="review", label_column="stars",
+                                     labels=["neg", "pos"]), tok)

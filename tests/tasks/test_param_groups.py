@@ -102,3 +102,46 @@ def test_no_fused_adamw_where_lightning_refuses_to_clip_it(precision, clip, fuse
     trainer.fit(task, datamodule=SST2Data(data_dir=str(toy_data), batch_size=8, limit_train_rows=16))
     assert trainer.global_step == 2
     assert all(bool(g["fused"]) == fused for g in trainer.optimizers[0].param_groups)
+
+
+@pytest.mark.parametrize("saved_fused, now_fused", [(None, True), (True, False)])
+def test_resuming_keeps_the_kind_of_adamw_built(saved_fused, now_fused, tiny_bert) -> None:
+    """A checkpoint's optimizer state from the other kind of AdamW (a run saved before fused AdamW,
+    or under AMP with clipping) loads into the kind this run built, and its next step is AdamW's."""
+    import torch
+
+    from lit_peft.tasks.base import adamw
+
+    task = SequenceClassification(backbone=tiny_bert)
+    methods.LoRA(r=4).attach(task)
+    start = [p.detach().clone() for p in task.parameters() if p.requires_grad]
+    torch.manual_seed(0)
+    grads = [[torch.randn_like(p) for p in start] for _ in range(2)]
+
+    def run(steps, kinds):
+        """Two AdamW steps from ``start``; the optimizer is rebuilt (state dict round trip) between them."""
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        optimizer = None
+        for grad, kind in zip(grads[:steps], kinds):
+            rebuilt = kind(params)
+            if optimizer is not None:
+                rebuilt.load_state_dict(optimizer.state_dict())
+            optimizer = rebuilt
+            for p, g in zip(params, grad):
+                p.grad = g.clone()
+            optimizer.step()
+        return params, optimizer
+
+    def saved_kind(params):
+        return torch.optim.AdamW([{"params": params, "weight_decay": 0.1}], lr=1e-2, fused=saved_fused)
+
+    def our_kind(params):
+        return adamw([{"params": params, "weight_decay": 0.1}], lr=1e-2, fused=bool(now_fused))
+
+    reference, _ = run(2, [saved_kind, saved_kind])
+    resumed, optimizer = run(2, [saved_kind, our_kind])
+    assert [g["fused"] for g in optimizer.param_groups] == [True if now_fused else None]
+    assert getattr(optimizer, "_step_supports_amp_scaling", False) == bool(now_fused)
+    for p, r, s in zip(resumed, reference, start):
+        assert not torch.equal(p, s)
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-5, atol=1e-6)
