@@ -3,9 +3,9 @@ tokenized splits, and loaders. The training loader is torchdata's ``StatefulData
 sampler that draws each epoch's order from (seed, epoch) alone, so a resumed run sees the batches
 an uninterrupted one would; evaluation loaders have a generator of their own.
 
-Subclasses fill ``self.datasets`` (split -> ``TokenizedDataset`` of row dicts, or ``TokenColumns``) in ``setup``, keep their settings
-in ``self.cfg`` (tokenizer, batch_size, eval_batch_size, num_workers, seed) and give
-``collate_fn(train)``.
+Subclasses fill ``self.datasets`` (split -> ``TokenizedDataset`` of row dicts, or ``TokenColumns``)
+in ``setup``, keep their settings in ``self.cfg`` (tokenizer, batch_size, eval_batch_size,
+num_workers, seed) and give ``collate_fn(train)``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 from lightning.pytorch import LightningDataModule
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lit_peft.errors import ConfigError
@@ -39,8 +39,8 @@ class TokenColumns(Dataset):
     it, and each integer scalar key (``labels``) as one long tensor. A row (``ds[i]``) is a dict of
     1-D long tensors and Python ints; a batch fetched by the DataLoader (``__getitems__``) is a
     ``RowSelection``, which ``PadCollator`` pads with one gather per key and any other collate
-    function reads as a sequence of rows. Python lists of ints (what a tokenizer returns) take several times
-    the memory, and padding them is the slow part of ``DataCollatorWithPadding``."""
+    function reads as a sequence of rows. Python lists of ints (what a tokenizer returns) take
+    several times the memory, and padding them is the slow part of ``DataCollatorWithPadding``."""
 
     def __init__(self, encodings: dict[str, list[list[int]]], scalars: Optional[dict[str, list[int]]] = None) -> None:
         keys = list(encodings)
@@ -59,10 +59,14 @@ class TokenColumns(Dataset):
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def position(self, i: int) -> int:
+        """Row ``i`` as an index in [0, len), negative ones counting from the end."""
         if not -len(self) <= i < len(self):
-            raise IndexError(i)
-        i = i % len(self)
+            raise IndexError(f"row {i} of {len(self)}")
+        return i % len(self)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        i = self.position(i)
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])
         row: dict[str, Any] = {k: v[start:end].long() for k, v in self.columns.items()}
         row.update({k: int(v[i]) for k, v in self.scalars.items()})
@@ -78,11 +82,7 @@ class RowSelection(Sequence):
     sequence of row dicts a DataLoader would have fetched one by one."""
 
     def __init__(self, dataset: TokenColumns, indices: list[int]) -> None:
-        n = len(dataset)
-        for i in indices:
-            if not -n <= i < n:
-                raise IndexError(f"row {i} of {n}")
-        self.dataset, self.indices = dataset, [i % n for i in indices]
+        self.dataset, self.indices = dataset, [dataset.position(i) for i in indices]
 
     def __len__(self) -> int:
         return len(self.indices)

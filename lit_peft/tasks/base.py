@@ -247,10 +247,10 @@ def adamw(groups: list[dict[str, Any]], lr: float, fused: bool = True) -> torch.
         except RuntimeError:  # a torch build without the fused kernel for this device or dtype
             pass
     optimizer = optimizer or torch.optim.AdamW(groups, lr=lr)
-    kinds = [g.get("fused") for g in optimizer.param_groups]
+    kind = optimizer.defaults["fused"]  # every group's, as built
 
     def keep_kind(opt: torch.optim.Optimizer) -> None:
-        for group, kind in zip(opt.param_groups, kinds):
+        for group in opt.param_groups:
             group["fused"] = kind
             for p in group["params"]:
                 step = opt.state.get(p, {}).get("step")
