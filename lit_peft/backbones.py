@@ -9,6 +9,10 @@ transformers model, or a packaged alias that installs from PyPI and loads offlin
   GGUF file takes about a minute, so the first use converts it once to a transformers folder in
   ``$LIT_PEFT_CACHE`` (default ``~/.cache/lit-peft``) and later runs load that.
 
+- ``timesfm-small``: a small TimesFM-architecture forecaster that lit-peft pretrains itself on
+  real series that install offline (``configs/pretrain_timesfm_small.yaml``; no TimesFM weights
+  install from PyPI), saved to the same cache.
+
 A path to a ``.gguf`` file works as a backbone too (converted and cached the same way).
 """
 
@@ -77,9 +81,27 @@ def _smollm2_path() -> str:
     return _from_gguf(gguf_file, "SmolLM2-135M-Instruct")
 
 
+#: backbones lit-peft pretrains itself, by the config that makes them (saved to the cache by ``SaveBackbone``)
+PRETRAINED_HERE = {"timesfm-small": "configs/pretrain_timesfm_small.yaml"}
+
+
+def _pretrained_here(alias: str) -> Callable[[], str]:
+    def path() -> str:
+        folder = cache_dir() / alias
+        if not (folder / "config.json").exists():
+            raise ConfigError(
+                f"backbone '{alias}' is pretrained by lit-peft itself and is not in {folder} yet: run "
+                f"`lit-peft fit --config {PRETRAINED_HERE[alias]}` once (about 35 minutes on 2 CPU cores)"
+            )
+        return str(folder)
+
+    return path
+
+
 #: alias -> function returning the folder it installs to
 PACKAGED: dict[str, Callable[[], str]] = {"minilm": _minilm_path, "all-MiniLM-L6-v2": _minilm_path,
-                                          "smollm2": _smollm2_path, "SmolLM2-135M-Instruct": _smollm2_path}
+                                          "smollm2": _smollm2_path, "SmolLM2-135M-Instruct": _smollm2_path,
+                                          **{alias: _pretrained_here(alias) for alias in PRETRAINED_HERE}}
 
 
 def resolve(name: str) -> str:

@@ -6,7 +6,7 @@ top-level keys of our own, both Callbacks that join ``trainer.callbacks``:
 
 - ``method``: the fine-tuning method (default: full fine-tuning),
 - ``report``: the efficiency figures and ``summary.json`` (on by default),
-- ``predictions``: where ``predict`` writes its JSONL (the run folder by default).
+- ``predictions``: where ``predict`` writes (JSONL, or CSV for forecasts; the run folder by default).
 
 ``merge`` and ``export`` turn a checkpoint into a merged transformers model folder or a PEFT
 adapter folder. Bad input (``ConfigError``) prints one message and exits with status 2.
@@ -23,7 +23,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from lit_peft.errors import ConfigError
 from lit_peft.metrics import EfficiencyReport, run_dir
-from lit_peft.predictions import JsonlPredictionWriter
+from lit_peft.predictions import PredictionWriter
 from lit_peft.methods.base import Method
 
 EXTRA = {
@@ -56,7 +56,7 @@ class LitPeftCLI(LightningCLI):
         parser.add_lightning_class_args(Method, "method", subclass_mode=True, required=False)
         parser.set_defaults({"method": {"class_path": "lit_peft.methods.FullFineTune"}})
         parser.add_lightning_class_args(EfficiencyReport, "report")
-        parser.add_lightning_class_args(JsonlPredictionWriter, "predictions")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
 
 
     def instantiate_trainer(self, **kwargs):

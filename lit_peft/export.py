@@ -83,7 +83,8 @@ def merge_checkpoint(ckpt_path: str | Path, output_dir: Path, dtype: str = "floa
     if getattr(merged.config, "use_cache", None) is False:
         merged.config.use_cache = True  # off only for gradient checkpointing in training; generation wants the cache
     merged.save_pretrained(str(output_dir), safe_serialization=True)
-    task.tokenizer.save_pretrained(str(output_dir))
+    if task.tokenizer is not None:  # a forecaster has none
+        task.tokenizer.save_pretrained(str(output_dir))
     note: dict[str, Any] = {"merged_from": str(ckpt_path), "method": task.method_name, "dtype": dtype,
                             "backbone": task.backbone_name}
     if getattr(method, "quant_type", None):

@@ -1,13 +1,21 @@
-"""Write what ``predict`` returns to ``predictions.jsonl`` in the run folder, one line per example.
+"""Write what ``predict`` returns to a file in the run folder, one line per example.
 
 A task's ``predict_step`` returns a dict of per-example lists (``{"pred": [...], "probs": [...]}``);
-this writer, built on Lightning's ``BasePredictionWriter``, splits them into rows as batches
-arrive, so nothing is held in memory.
+this writer, built on Lightning's ``BasePredictionWriter``, splits them into examples as batches
+arrive, so nothing is held in memory. Where the rows go is the task's to say:
+
+- ``prediction_file``: the default file name (``predictions.jsonl``; a forecaster's ``forecasts.csv``).
+  A ``.jsonl`` file gets one JSON object per example, a ``.csv`` file the rows of
+  ``prediction_table(example)`` (one per forecast step for a forecaster) under one header.
+- ``plot_prediction(example, path)``: with ``plots: true``, a PNG of each series' last example,
+  next to the file (tasks without it refuse the option).
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,26 +26,38 @@ from lit_peft.errors import ConfigError
 from lit_peft.metrics import run_dir
 
 
-class JsonlPredictionWriter(BasePredictionWriter):
-    def __init__(self, path: Optional[str] = None) -> None:
+class PredictionWriter(BasePredictionWriter):
+    def __init__(self, path: Optional[str] = None, plots: bool = False) -> None:
         """
         Args:
-            path: file to write; by default ``predictions.jsonl`` in the run folder.
+            path: file to write (``.jsonl`` or ``.csv``); by default the task's file name in the run folder.
+            plots: also draw one PNG per series (forecasting), in a ``plots`` folder beside the file.
         """
         super().__init__(write_interval="batch")
-        self.path = path
+        self.path, self.plots = path, plots
         self._file = None
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        target = Path(self.path) if self.path else run_dir(trainer) / "predictions.jsonl"
+        default = getattr(pl_module, "prediction_file", "predictions.jsonl")
+        target = Path(self.path) if self.path else run_dir(trainer) / default
+        if target.suffix not in (".jsonl", ".csv"):
+            raise ConfigError(f"predictions.path '{target}' must end in .jsonl or .csv")
+        if self.plots and not hasattr(pl_module, "plot_prediction"):
+            raise ConfigError(f"{type(pl_module).__name__} draws no plots; leave predictions.plots false")
         if trainer.world_size > 1:
             target = target.with_name(f"{target.stem}.rank{trainer.global_rank}{target.suffix}")
         target.parent.mkdir(parents=True, exist_ok=True)
         self.written = target
-        if target.exists():  # never overwrite an earlier run's predictions
-            raise ConfigError(f"'{target}' already exists; give another predictions.path (or move the file) so "
-                              "earlier predictions are kept")
-        self._file = target.open("x")
+        plot_dir = target.with_name(f"{target.stem}_plots")
+        for existing in (target, plot_dir) if self.plots else (target,):
+            if existing.exists():  # never overwrite an earlier run's predictions
+                raise ConfigError(f"'{existing}' already exists; give another predictions.path (or move it) so "
+                                  "earlier predictions are kept")
+        self._file = target.open("x", newline="")
+        self._csv: Optional[csv.DictWriter] = None
+        self._table = getattr(pl_module, "prediction_table", lambda example: [example])
+        self._last: dict[str, dict[str, Any]] = {}
+        self._plot_dir = plot_dir
 
     def write_on_batch_end(self, trainer, pl_module, prediction: Any, batch_indices, batch, batch_idx: int,
                            dataloader_idx: int) -> None:
@@ -45,10 +65,29 @@ class JsonlPredictionWriter(BasePredictionWriter):
             return
         keys = list(prediction)
         for values in zip(*(prediction[k] for k in keys)):
-            self._file.write(json.dumps(dict(zip(keys, values))) + "\n")
+            example = dict(zip(keys, values))
+            if self.plots:
+                self._last[str(example.get("series", "all"))] = example
+            if self.written.suffix == ".jsonl":
+                self._file.write(json.dumps(example) + "\n")
+                continue
+            for row in self._table(example):
+                if self._csv is None:
+                    self._csv = csv.DictWriter(self._file, fieldnames=list(row))
+                    self._csv.writeheader()
+                self._csv.writerow(row)
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-            print(f"[lit-peft] predictions: {self.written}")
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        print(f"[lit-peft] predictions: {self.written}")
+        if self.plots and self._last:
+            self._plot_dir.mkdir(parents=True)
+            for series, example in self._last.items():
+                pl_module.plot_prediction(example, self._plot_dir / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', series)}.png")
+            print(f"[lit-peft] plots: {self._plot_dir} ({len(self._last)} series)")
+
+
+JsonlPredictionWriter = PredictionWriter  # the name earlier configs and code use

@@ -113,3 +113,74 @@ def toy_gsm8k(tmp_path_factory) -> Path:
                                      "answer": f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"}))
         (folder / name).write_text("\n".join(lines) + "\n")
     return folder
+
+
+# ---- forecasting: tiny TimesFM and PatchTST built from configs, a toy hourly table ------------------
+TS_CONTEXT, TS_HORIZON = 64, 32
+
+
+def warm_start(model, folder: Path, steps: int = 100) -> None:
+    """Train a randomly initialised forecaster briefly on sines of random period, phase and scale
+    (not the toy table), then save it: a small 'pretrained' model whose fine-tuning on the toy table
+    starts from forecasts that mean something, as a real fine-tune does."""
+    from lit_peft.tasks import Forecasting
+
+    task = Forecasting(backbone=None, from_config={"model_type": model.config.model_type})
+    task.backbone = model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    steps_axis = torch.arange(TS_CONTEXT + TS_HORIZON, dtype=torch.float32)
+    for _ in range(steps):
+        period = torch.randint(6, 30, (32, 1), generator=generator).float()
+        phase = torch.rand(32, 1, generator=generator) * 6.28
+        series = torch.sin(2 * torch.pi * steps_axis / period + phase) * (0.5 + torch.rand(32, 1, generator=generator))
+        series = series + 0.1 * torch.randn(series.shape, generator=generator)
+        batch = {"past_values": series[:, :TS_CONTEXT], "future_values": series[:, TS_CONTEXT:],
+                 "freq": torch.zeros(32, dtype=torch.long)}
+        optimizer.zero_grad()
+        task.loss(batch).backward()
+        optimizer.step()
+    model.eval().save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_timesfm(tmp_path_factory) -> str:
+    """Folder with a randomly initialised 2-layer TimesFM (hidden 32, patches of 16, 32-step horizon)."""
+    from transformers import TimesFmConfig, TimesFmModelForPrediction
+
+    folder = tmp_path_factory.mktemp("tiny-timesfm")
+    torch.manual_seed(0)
+    config = TimesFmConfig(patch_length=16, context_length=TS_CONTEXT, horizon_length=TS_HORIZON, num_hidden_layers=LAYERS,
+                           hidden_size=32, intermediate_size=32, head_dim=8, num_attention_heads=4)
+    warm_start(TimesFmModelForPrediction(config), folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_patchtst(tmp_path_factory) -> str:
+    """Folder with a randomly initialised 2-layer PatchTST (d_model 16, batch norm, one channel)."""
+    from transformers import PatchTSTConfig, PatchTSTForPrediction
+
+    folder = tmp_path_factory.mktemp("tiny-patchtst")
+    torch.manual_seed(0)
+    config = PatchTSTConfig(num_input_channels=1, context_length=TS_CONTEXT, prediction_length=TS_HORIZON, patch_length=8,
+                            patch_stride=8, d_model=16, num_attention_heads=2, num_hidden_layers=LAYERS, ffn_dim=32)
+    warm_start(PatchTSTForPrediction(config), folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def toy_series(tmp_path_factory) -> Path:
+    """toy.csv: 800 hourly rows of two noisy periodic series (periods 24 and 12) on different scales."""
+    import numpy as np
+    import pandas as pd
+
+    folder = tmp_path_factory.mktemp("toy-series")
+    n = 800
+    rng = np.random.default_rng(0)
+    steps = np.arange(n)
+    table = pd.DataFrame({"date": pd.date_range("2020-01-01", periods=n, freq="h"),
+                          "load": 10 + 3 * np.sin(2 * np.pi * steps / 24) + rng.normal(0, 0.2, n),
+                          "temp": np.cos(2 * np.pi * steps / 12) + rng.normal(0, 0.2, n)})
+    table.to_csv(folder / "toy.csv", index=False)
+    return folder / "toy.csv"

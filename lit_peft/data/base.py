@@ -3,9 +3,10 @@ tokenized splits, and loaders. The training loader is torchdata's ``StatefulData
 sampler that draws each epoch's order from (seed, epoch) alone, so a resumed run sees the batches
 an uninterrupted one would; evaluation loaders have a generator of their own.
 
-Subclasses fill ``self.datasets`` (split -> ``TokenizedDataset`` of row dicts, or ``TokenColumns``)
-in ``setup``, keep their settings in ``self.cfg`` (tokenizer, batch_size, eval_batch_size,
-num_workers, seed) and give ``collate_fn(train)``.
+Subclasses fill ``self.datasets`` (split -> a Dataset) in ``setup``, keep their settings in
+``self.cfg`` (batch_size, eval_batch_size, num_workers, seed; tokenizer for ``TokenizedDataModule``)
+and give ``collate_fn(train)``. ``SplitDataModule`` is the loaders alone (time-series windows need no
+tokenizer); ``TokenizedDataModule`` adds the tokenizer lookup.
 """
 
 from __future__ import annotations
@@ -168,24 +169,14 @@ class EpochShuffle(Sampler[int]):
         return self.size
 
 
-class TokenizedDataModule(LightningDataModule):
-    """Tokenizer lookup and the four loaders over ``self.datasets``."""
+class SplitDataModule(LightningDataModule):
+    """The four loaders over ``self.datasets`` (split -> Dataset); ``self.cfg`` holds batch_size,
+    eval_batch_size, num_workers and seed. Tokenized and windowed (time series) data share it."""
 
-    datasets: dict[str, Dataset]  # TokenizedDataset (row dicts) or TokenColumns
+    datasets: dict[str, Dataset]
 
-    def collate_fn(self, train: bool) -> Callable:
+    def collate_fn(self, train: bool) -> Optional[Callable]:
         raise NotImplementedError
-
-    def _tokenizer(self):
-        if self.cfg.tokenizer is not None:
-            from lit_peft.backbones import load_tokenizer
-
-            return load_tokenizer(self.cfg.tokenizer)
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        tokenizer = getattr(module, "tokenizer", None)
-        if tokenizer is None:
-            raise ConfigError("the data module needs a tokenizer: set data.init_args.tokenizer to a backbone name")
-        return tokenizer
 
     def _loader(self, split: str, train: bool = False):
         if split not in self.datasets:
@@ -218,3 +209,19 @@ class TokenizedDataModule(LightningDataModule):
 
     def predict_dataloader(self):
         return self._loader("predict")
+
+
+class TokenizedDataModule(SplitDataModule):
+    """Loaders over tokenized splits (``TokenizedDataset`` of row dicts, or ``TokenColumns``), and the
+    tokenizer: the one named in ``cfg.tokenizer``, else the model's."""
+
+    def _tokenizer(self):
+        if self.cfg.tokenizer is not None:
+            from lit_peft.backbones import load_tokenizer
+
+            return load_tokenizer(self.cfg.tokenizer)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        tokenizer = getattr(module, "tokenizer", None)
+        if tokenizer is None:
+            raise ConfigError("the data module needs a tokenizer: set data.init_args.tokenizer to a backbone name")
+        return tokenizer

@@ -1,9 +1,10 @@
 """Methods that train a chosen subset of the backbone's own weights, with no new modules.
 
 - ``FullFineTune``: every weight trains.
-- ``LinearProbe``: only the task head trains (the classic probe of frozen features).
-- ``PartialFineTune``: the head, the last ``last_n_blocks`` transformer blocks, and any modules
-  named in ``modules`` (e.g. ``embeddings``) train; everything else is frozen.
+- ``LinearProbe``: only the task's probe modules train (``task.probe_modules()``): the head, the
+  classic probe of frozen features; for a forecaster, everything outside the transformer stack.
+- ``PartialFineTune``: the probe modules, the last ``last_n_blocks`` transformer blocks, and any
+  modules named in ``modules`` (e.g. ``embeddings``) train; everything else is frozen.
 
 The trained weights are the backbone's own, so ``merge`` is the backbone itself.
 """
@@ -83,7 +84,7 @@ class PartialFineTune(Method):
             unfreeze(block)
         for module in named_submodules(backbone, self.modules):
             unfreeze(module)
-        for module in named_submodules(backbone, task.head_modules()):
+        for module in named_submodules(backbone, task.probe_modules()):
             unfreeze(module)
 
 

@@ -31,9 +31,10 @@ from lit_peft.methods.freeze import freeze, named_submodules, unfreeze
 #: where adapters go, per architecture: (attention output projection, feed-forward output projection)
 PLACES = {
     "bert": (r"attention\.output\.dense$", r"layer\.\d+\.output\.dense$"),  # BERT, RoBERTa, MiniLM, ELECTRA
-    "llama": (r"self_attn\.o_proj$", r"mlp\.down_proj$"),  # Llama, Mistral, Qwen, SmolLM
+    "llama": (r"self_attn\.o_proj$", r"mlp\.down_proj$"),  # Llama, Mistral, Qwen, SmolLM, TimesFM
     "distilbert": (r"attention\.out_lin$", r"ffn\.lin2$"),
     "gpt2": (r"attn\.c_proj$", r"mlp\.c_proj$"),
+    "patchtst": (r"encoder\.layers\.\d+\.self_attn\.out_proj$", r"encoder\.layers\.\d+\.ff\.3$"),
 }
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 ADAPTER = "houlsby_adapter"

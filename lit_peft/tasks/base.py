@@ -2,7 +2,13 @@
 optimizer built from the method's parameter groups, and checkpoints that hold only what trained.
 
 A subclass says how the backbone loads (``load_backbone``), which top-level modules are its head
-(``head_modules``) and how a batch becomes a loss (``step``).
+(``head_modules``: newly initialised, they train under every method), which modules a linear probe
+trains (``probe_modules``: the head by default), and how a batch becomes a loss (``step``). A task
+whose backbone reads no text (a forecaster) sets ``uses_tokenizer = False`` and has no tokenizer.
+
+Batch-norm layers (PatchTST's) are part of the contract too: a frozen one keeps its pretrained
+running statistics (it stays in eval mode while the rest trains), and the statistics of one that
+trains are saved with what trained, so a resumed or merged model normalises as the trained one did.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ class PeftTask(LightningModule, abc.ABC):
     task_name = "task"
     #: peft's ``TaskType`` value for adapters on this task
     peft_task_type: Optional[str] = None
+    #: whether the backbone comes with a tokenizer (``self.tokenizer``; ``None`` where it does not)
+    uses_tokenizer = True
 
     def __init__(
         self,
@@ -76,7 +84,7 @@ class PeftTask(LightningModule, abc.ABC):
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
         self.backbone: Optional[nn.Module] = None
         self.method: Optional[Method] = None
-        self.tokenizer = backbones.load_tokenizer(backbone)
+        self.tokenizer = backbones.load_tokenizer(backbone) if self.uses_tokenizer else None
         self.strict_loading = False  # checkpoints hold only what trained; on_load_checkpoint checks the rest
 
     # ---- the backbone ------------------------------------------------------------------------
@@ -105,6 +113,10 @@ class PeftTask(LightningModule, abc.ABC):
         """Top-level modules of the backbone that form the task head; they always train."""
         model = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
         return [name for name, _ in model.named_children() if name in HEAD_NAMES]
+
+    def probe_modules(self) -> list[str]:
+        """Modules a linear probe (and a partial fine-tune, besides its blocks) trains: the head."""
+        return self.head_modules()
 
     def check_trainable(self) -> None:
         if not any(p.requires_grad for p in self.parameters()):
@@ -188,9 +200,34 @@ class PeftTask(LightningModule, abc.ABC):
 
     # ---- checkpoints: only what trained, plus what rebuilds the run ---------------------------
     def trained_keys(self) -> set[str]:
-        if self.method is not None:
-            return self.method.checkpoint_keys(self)
-        return {name for name, p in self.named_parameters() if p.requires_grad}
+        keys = (self.method.checkpoint_keys(self) if self.method is not None
+                else {name for name, p in self.named_parameters() if p.requires_grad})
+        return keys | self.running_stat_keys()
+
+    def _batch_norms(self, trained: bool) -> list[tuple[str, nn.Module]]:
+        return [(name, m) for name, m in self.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                and any(p.requires_grad for p in m.parameters()) == trained]
+
+    def running_stat_keys(self) -> set[str]:
+        """Running statistics of the batch-norm layers that train: they change with the weights."""
+        return {f"{name}.{buffer}" for name, m in self._batch_norms(trained=True)
+                for buffer, value in m.named_buffers(recurse=False) if value is not None}
+
+    def train(self, mode: bool = True) -> "PeftTask":
+        """As ``nn.Module.train``, but a frozen batch norm stays in eval mode: its running statistics
+        are the pretrained ones, and checkpoints (which hold only what trained) do not carry them."""
+        super().train(mode)
+        if mode:
+            self.keep_frozen_batch_norms()
+        return self
+
+    def keep_frozen_batch_norms(self) -> None:
+        for _, module in self._batch_norms(trained=False):
+            module.eval()
+
+    def on_train_start(self) -> None:
+        # Lightning keeps each module's mode rather than calling train(): the backbone loaded in train mode
+        self.keep_frozen_batch_norms()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keys = self.trained_keys()

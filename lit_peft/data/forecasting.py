@@ -1,0 +1,367 @@
+"""Time-series forecasting data: the ETT benchmarks (ETTh1, ETTh2, ETTm1, ETTm2) from a folder of
+their CSVs, or your own CSV / parquet file with a time column and the columns to forecast.
+
+Every target column is a univariate series; a window is ``context_len`` values of one series and
+the ``horizon_len`` values that follow (channel-independent, as TimesFM and PatchTST forecast).
+``target_columns: [OT]`` is ETT's univariate protocol, ``target_columns: null`` takes every
+numeric column (its multivariate protocol).
+
+Splits are by time, and no target point of one split lies in another:
+
+- ``split: ratio`` (default, the TimesFM fine-tuning pipeline's): the first ``int(0.6 n)`` rows
+  train, the next ``int(0.2 n)`` validate, the rest test (``split_ratios``).
+- ``split: months``: the usual ETT protocol, 12 / 4 / 4 months of 30 days from the first timestamp
+  (``split_months``); rows after the last month are not used (ETTh1: 8,640 / 2,880 / 2,880 rows).
+
+A validation or test window's context may reach back into the previous split (the first
+forecasts of a split need one); its targets never do. Values are standardised per series with
+the mean and (population) standard deviation of the training rows only. The frequency (TimesFM's
+``freq`` input: 0 up to daily, 1 weekly and monthly, 2 quarterly and yearly) is inferred from the
+time column, or given as a pandas alias (``h``, ``15min``, ``MS``) or as the index itself.
+
+Windows are slices of one tensor per split rule, gathered a batch at a time; the training loader
+is the shared stateful one (``SplitDataModule``), so a resumed run sees the batches an
+uninterrupted one would. Files are read with pandas (which reads CSV and parquet with the time
+column parsed), checked before any window is cut: a missing column, a missing value, a time
+column that does not increase, or a split too short for one window is one message naming the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Literal, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from lit_peft.data.base import SplitDataModule
+from lit_peft.errors import ConfigError
+
+ETT = ("ETTh1", "ETTh2", "ETTm1", "ETTm2")
+DAY_NS = 86_400 * 10**9
+
+
+def timesfm_freq(freq: Union[str, int]) -> int:
+    """TimesFM's frequency index for a pandas frequency alias: 0 (high) for periods under 6 days
+    (seconds to daily, business days), 1 (medium) up to 85 days (weekly, monthly), 2 (low) beyond
+    (quarterly, yearly); an int in {0, 1, 2} is taken as the index itself."""
+    if isinstance(freq, (int, np.integer)) and not isinstance(freq, bool):
+        if freq not in (0, 1, 2):
+            raise ConfigError(f"a TimesFM frequency index is 0, 1 or 2, got {freq}")
+        return int(freq)
+    import pandas as pd
+
+    try:
+        offset = pd.tseries.frequencies.to_offset(str(freq))
+    except ValueError as err:
+        raise ConfigError(f"unknown frequency '{freq}'; give a pandas alias such as h, 15min, D, W, MS, QS, YS "
+                          "or the TimesFM index 0, 1 or 2") from err
+    start = pd.Timestamp("2001-01-01")
+    period = ((start + 10 * offset) - (start + offset)) / 9  # the mean period, whatever the anchor
+    days = period / pd.Timedelta(days=1)
+    return 0 if days < 6 else 1 if days < 85 else 2
+
+
+def infer_freq(times: "Any", source: str) -> Optional[str]:
+    """The pandas alias of a time index (the most common step where ``pd.infer_freq`` gives up)."""
+    import pandas as pd
+
+    head = pd.DatetimeIndex(times[: min(len(times), 2000)])
+    alias = pd.infer_freq(head) if len(head) >= 3 else None
+    if alias is None and len(head) >= 2:
+        steps = pd.Series(head[1:] - head[:-1]).mode()
+        alias = pd.tseries.frequencies.to_offset(steps.iloc[0]).freqstr if len(steps) else None
+    return alias
+
+
+def split_bounds(times_ns: np.ndarray, rule: str, ratios: Sequence[float], months: Sequence[int]) -> tuple[int, int, int]:
+    """Row indices (b1, b2, b3): train is [0, b1), validation [b1, b2), test [b2, b3)."""
+    n = len(times_ns)
+    if rule == "ratio":
+        if len(ratios) != 3 or any(r <= 0 for r in ratios) or sum(ratios) > 1 + 1e-9:
+            raise ConfigError(f"split_ratios must be three positive fractions summing to at most 1, got {list(ratios)}")
+        b1 = int(n * ratios[0])
+        b2 = b1 + int(n * ratios[1])
+        b3 = n if abs(sum(ratios) - 1) < 1e-9 else b2 + int(n * ratios[2])
+        return b1, b2, b3
+    if rule == "months":
+        if len(months) != 3 or any(m <= 0 for m in months):
+            raise ConfigError(f"split_months must be three positive month counts, got {list(months)}")
+        ends = np.cumsum(months) * 30 * DAY_NS + times_ns[0]
+        b1, b2, b3 = (int(np.searchsorted(times_ns, end, side="left")) for end in ends)
+        return b1, b2, b3
+    raise ConfigError(f"unknown split '{rule}'; use 'ratio' (60/20/20 by default) or 'months' (ETT's 12/4/4)")
+
+
+def window_starts(lo: int, hi: int, context_len: int, horizon_len: int, stride: int) -> np.ndarray:
+    """First target index of every window whose targets lie in [lo, hi) and whose context starts at
+    row 0 or later, every ``stride`` rows."""
+    first = max(lo, context_len)
+    last = hi - horizon_len
+    return np.arange(first, last + 1, stride) if last >= first else np.zeros(0, dtype=np.int64)
+
+
+class SeriesWindows(Dataset):
+    """Windows over series held as one (series, time) tensor: item i is series ``series[i]`` with
+    targets starting at row ``starts[i]``. A batch (``__getitems__``) is gathered at once.
+
+    Each window is a dict: ``past_values`` (context_len), ``future_values`` (horizon_len; NaN past
+    the end of the data), ``freq``, ``loc`` and ``scale`` (the series' standardisation, to report
+    errors in the original units), ``series`` and ``start`` (which window), and ``past_time`` /
+    ``future_time`` (int64 nanoseconds since the epoch; ``times`` has one row per row of ``values``,
+    or a single row that every series shares)."""
+
+    def __init__(self, values: torch.Tensor, times: torch.Tensor, series: np.ndarray, starts: np.ndarray,
+                 context_len: int, horizon_len: int, freq: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
+                 rows: Optional[torch.Tensor] = None) -> None:
+        """``rows`` maps a series to its row of ``values`` and ``times`` (default: series i is row i;
+        series of unequal lengths can share one concatenated row, ``starts`` then being positions in it)."""
+        self.values, self.times = values, times
+        self.series = torch.as_tensor(series, dtype=torch.long)
+        self.rows = rows if rows is not None else torch.arange(values.shape[0])
+        self.starts = torch.as_tensor(starts, dtype=torch.long)
+        self.context_len, self.horizon_len = context_len, horizon_len
+        self.freq, self.loc, self.scale = freq, loc, scale
+        self._past = torch.arange(-context_len, 0)
+        self._future = torch.arange(horizon_len)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        series, starts = self.series[index], self.starts[index]
+        row = self.rows[series][:, None]
+        trow = row if self.times.shape[0] > 1 else torch.zeros_like(row)  # one time axis shared by every row
+        past, future = starts[:, None] + self._past, starts[:, None] + self._future
+        return {"past_values": self.values[row, past], "future_values": self.values[row, future],
+                "freq": self.freq[series], "loc": self.loc[series], "scale": self.scale[series],
+                "series": series, "start": starts, "past_time": self.times[trow, past], "future_time": self.times[trow, future]}
+
+
+def gathered(batch: Any) -> dict[str, torch.Tensor]:
+    """Collate for ``SeriesWindows``: its ``__getitems__`` already returns the batch's tensors."""
+    if isinstance(batch, dict):
+        return batch
+    from torch.utils.data import default_collate
+
+    return default_collate(batch)
+
+
+def read_table(path: Path) -> "Any":
+    import pandas as pd
+
+    if not path.is_file():
+        raise ConfigError(f"data file '{path}' does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            return pd.read_csv(path)
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+    except (ValueError, OSError, pd.errors.ParserError) as err:
+        raise ConfigError(f"could not read '{path}': {err}") from err
+    raise ConfigError(f"data file '{path}' has an unknown format; use .csv or .parquet")
+
+
+class ForecastingData(SplitDataModule):
+    """Windows of one or more series from an ETT file or your own table, split by time."""
+
+    metric = "mse"
+
+    def __init__(
+        self,
+        data_dir: Optional[str] = None,
+        dataset: Literal["ETTh1", "ETTh2", "ETTm1", "ETTm2"] = "ETTh1",
+        file: Optional[str] = None,
+        time_column: str = "date",
+        target_columns: Optional[list[str]] = ("OT",),
+        context_len: int = 128,
+        horizon_len: int = 128,
+        eval_horizon_len: Optional[int] = None,
+        stride: int = 1,
+        eval_stride: int = 1,
+        split: Literal["ratio", "months"] = "ratio",
+        split_ratios: tuple[float, float, float] = (0.6, 0.2, 0.2),
+        split_months: tuple[int, int, int] = (12, 4, 4),
+        normalize: bool = True,
+        freq: Optional[Union[str, int]] = None,
+        predict_split: Literal["future", "test"] = "future",
+        limit_train_windows: Optional[int] = None,
+        batch_size: int = 64,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        seed: int = 42,
+    ) -> None:
+        """
+        Args:
+            data_dir: folder holding ``<dataset>.csv`` (the ETT files); not needed with ``file``.
+            dataset: which ETT file of ``data_dir``.
+            file: your own ``.csv`` or ``.parquet`` (instead of an ETT file).
+            time_column: the column of timestamps (ETT's is ``date``).
+            target_columns: the columns to forecast, each as a univariate series; ``null``: every
+                numeric column except the time column.
+            context_len: values the model sees before each forecast.
+            horizon_len: values each training window forecasts.
+            eval_horizon_len: values each validation/test/predict window forecasts (default: horizon_len).
+            stride: rows between the starts of consecutive training windows.
+            eval_stride: the same for validation, test and ``predict_split: test``.
+            split: ``ratio`` (``split_ratios`` of the rows) or ``months`` (``split_months`` of 30 days).
+            normalize: standardise each series with its training rows' mean and standard deviation.
+            freq: a pandas frequency alias or TimesFM's index (0, 1, 2); inferred from the time column if null.
+            predict_split: what ``predict`` forecasts: ``future`` (the ``eval_horizon_len`` steps after
+                the last row of each series) or ``test`` (every test window, with the actual values).
+            limit_train_windows: keep this many training windows, evenly spaced in time (quick runs).
+        """
+        super().__init__()
+        for name, value in (("context_len", context_len), ("horizon_len", horizon_len), ("stride", stride),
+                            ("eval_stride", eval_stride), ("batch_size", batch_size)):
+            if value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value}")
+        if eval_horizon_len is not None and eval_horizon_len < 1:
+            raise ConfigError(f"eval_horizon_len must be a positive integer, got {eval_horizon_len}")
+        if file is None and data_dir is None:
+            raise ConfigError("give data.init_args.data_dir (a folder of ETT CSVs, e.g. ../shared/data/ett) or "
+                              "data.init_args.file (your own .csv or .parquet)")
+        self.cfg = SimpleNamespace(
+            data_dir=data_dir, dataset=dataset, file=file, time_column=time_column,
+            target_columns=None if target_columns is None else list(target_columns), context_len=context_len,
+            horizon_len=horizon_len, eval_horizon_len=eval_horizon_len or horizon_len, stride=stride,
+            eval_stride=eval_stride, split=split, split_ratios=tuple(split_ratios), split_months=tuple(split_months),
+            normalize=normalize, freq=freq, predict_split=predict_split, limit_train_windows=limit_train_windows,
+            batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
+        if split not in ("ratio", "months"):
+            raise ConfigError(f"unknown split '{split}'; use 'ratio' or 'months'")
+        self.datasets: dict[str, Dataset] = {}
+        self._loaded = False
+
+    @property
+    def source(self) -> Path:
+        h = self.cfg
+        return Path(h.file) if h.file is not None else Path(h.data_dir) / f"{h.dataset}.csv"
+
+    # ---- reading and checking ----------------------------------------------------------------
+    def load(self) -> None:
+        """Read and check the file; compute the split bounds, the standardisation and the frequency."""
+        if self._loaded:
+            return
+        import pandas as pd
+
+        h, path = self.cfg, self.source
+        if h.file is None and not path.is_file():
+            raise ConfigError(f"ETT file '{path}' does not exist: data_dir must hold {h.dataset}.csv "
+                              "(../shared/data/ett holds ETTh1.csv and ETTh2.csv)")
+        table = read_table(path)
+        columns = list(table.columns)
+        if h.time_column not in columns:
+            raise ConfigError(f"{path} has no time column '{h.time_column}'; its columns are: {', '.join(map(str, columns))}. "
+                              "Set data.init_args.time_column")
+        if h.target_columns is None:
+            targets = [c for c in columns if c != h.time_column and pd.api.types.is_numeric_dtype(table[c])]
+        else:
+            targets = h.target_columns
+            unknown = [c for c in targets if c not in columns]
+            if unknown:
+                raise ConfigError(f"{path} has no column '{unknown[0]}'; its columns are: {', '.join(map(str, columns))}")
+        if not targets:
+            raise ConfigError(f"{path} has no numeric column to forecast besides '{h.time_column}'")
+        for column in targets:
+            if not pd.api.types.is_numeric_dtype(table[column]):
+                bad = pd.to_numeric(table[column], errors="coerce").isna() & table[column].notna()
+                line = int(np.argmax(bad.to_numpy())) + 2
+                raise ConfigError(f"{path}: column '{column}' is not numeric (line {line}: {table[column].iloc[line - 2]!r})")
+            missing = table[column].isna().to_numpy()
+            if missing.any():
+                line = int(np.argmax(missing)) + 2  # the header is line 1
+                raise ConfigError(f"{path}: column '{column}' has {int(missing.sum())} missing values (first at line "
+                                  f"{line}); fill or drop them before forecasting")
+        try:
+            times = pd.to_datetime(table[h.time_column])
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{path}: time column '{h.time_column}' does not parse as dates: {err}") from err
+        if times.isna().any():
+            line = int(np.argmax(times.isna().to_numpy())) + 2
+            raise ConfigError(f"{path}: time column '{h.time_column}' has a missing timestamp at line {line}")
+        if getattr(times.dt, "tz", None) is not None:
+            times = times.dt.tz_convert("UTC").dt.tz_localize(None)
+        times_ns = times.to_numpy(dtype="datetime64[ns]").astype(np.int64)
+        steps = np.diff(times_ns)
+        if (steps <= 0).any():
+            i = int(np.argmax(steps <= 0)) + 1
+            raise ConfigError(f"{path}: time column '{h.time_column}' is not strictly increasing at line {i + 2} "
+                              f"({times.iloc[i]} after {times.iloc[i - 1]}); sort the rows by time and drop duplicates")
+        self.alias = infer_freq(times, str(path)) if h.freq is None or isinstance(h.freq, int) else str(h.freq)
+        if h.freq is None and self.alias is None:
+            raise ConfigError(f"{path}: cannot infer the frequency of '{h.time_column}'; set data.init_args.freq")
+        self.freq_index = timesfm_freq(h.freq if h.freq is not None else self.alias)
+        self.bounds = split_bounds(times_ns, h.split, h.split_ratios, h.split_months)
+        b1, b2, b3 = self.bounds
+        raw = torch.tensor(table[targets].to_numpy(dtype=np.float64).T.copy())  # (series, time)
+        train = raw[:, :b1]
+        if h.normalize:
+            self.loc = train.mean(dim=1)
+            self.scale = train.std(dim=1, unbiased=False).clamp_min(1e-8)
+        else:
+            self.loc, self.scale = torch.zeros(len(targets), dtype=torch.float64), torch.ones(len(targets), dtype=torch.float64)
+        values = ((raw - self.loc[:, None]) / self.scale[:, None]).float()
+        # the future beyond the last row: unknown values (NaN) at timestamps one period apart
+        pad = h.eval_horizon_len
+        self.values = torch.cat([values, torch.full((len(targets), pad), float("nan"))], dim=1)
+        step = self._period_ns(times_ns)
+        self.times = torch.tensor(np.concatenate([times_ns, times_ns[-1] + step * np.arange(1, pad + 1)]))[None]
+        self.series_names, self.n_rows, self.path = [str(c) for c in targets], len(times_ns), path
+        self._loaded = True
+
+    def _period_ns(self, times_ns: np.ndarray) -> int:
+        import pandas as pd
+
+        if self.alias is not None:
+            try:
+                offset = pd.tseries.frequencies.to_offset(self.alias)
+                last = pd.Timestamp(int(times_ns[-1]))
+                return int(((last + offset) - last).value)
+            except (ValueError, TypeError):
+                pass
+        return int(np.median(np.diff(times_ns))) if len(times_ns) > 1 else 1
+
+    # ---- windows ------------------------------------------------------------------------------
+    def windows(self, split: str) -> SeriesWindows:
+        """The windows of ``split`` (train, val, test, predict) over every target series."""
+        self.load()
+        h = self.cfg
+        b1, b2, b3 = self.bounds
+        n_series = len(self.series_names)
+        horizon = h.horizon_len if split == "train" else h.eval_horizon_len
+        if split == "predict" and h.predict_split == "future":
+            starts = np.array([self.n_rows])
+            if self.n_rows < h.context_len:
+                raise ConfigError(f"{self.path} has {self.n_rows} rows, fewer than context_len={h.context_len}")
+        else:
+            lo, hi = {"train": (0, b1), "val": (b1, b2), "test": (b2, b3), "predict": (b2, b3)}[split]
+            starts = window_starts(lo, hi, h.context_len, horizon, h.stride if split == "train" else h.eval_stride)
+            if len(starts) == 0:
+                name = {"train": "training", "val": "validation", "test": "test", "predict": "test"}[split]
+                raise ConfigError(
+                    f"{self.path}: the {name} split (rows {lo}-{hi - 1}, {hi - lo} rows) is too short for one window of "
+                    f"context_len={h.context_len} and horizon {horizon}; use shorter windows or another split")
+            if split == "train" and h.limit_train_windows and h.limit_train_windows < len(starts):
+                keep = np.linspace(0, len(starts) - 1, h.limit_train_windows).round().astype(np.int64)
+                starts = starts[np.unique(keep)]
+        series = np.repeat(np.arange(n_series), len(starts))
+        freq = torch.full((n_series,), self.freq_index, dtype=torch.long)
+        return SeriesWindows(self.values, self.times, series, np.tile(starts, n_series), h.context_len, horizon, freq,
+                             self.loc.float(), self.scale.float(), rows=torch.arange(n_series))
+
+    def setup(self, stage: str) -> None:
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}[stage]
+        for split in splits:
+            if split not in self.datasets:
+                self.datasets[split] = self.windows(split)
+
+    def collate_fn(self, train: bool):
+        return gathered
