@@ -226,7 +226,7 @@ class EfficiencyReport(Callback):
 
 
 def format_summary(summary: dict[str, Any], path: Path) -> str:
-    keys = [k for stage in ("val", "test") for k in (f"{stage}_acc", f"{stage}_exact_match", f"{stage}_rougeL",
+    keys = [k for stage in ("val", "test") for k in (f"{stage}_acc", f"{stage}_exact_match", f"{stage}_rougeL", f"{stage}_mse", f"{stage}_mae",
                                                        f"{stage}_loss") if k in summary]
     parts = [f"{k}={summary[k]:.4f}" for k in keys]
     parts.append(f"trainable={summary['trainable_params']:,} ({summary['trainable_pct']:.2f}%)")

@@ -173,7 +173,7 @@ class Forecasting(PeftTask):
         if self.architecture == "patchtst":
             return self._patchtst(past_values, horizon), None
         out = self._timesfm_steps(past_values, freq, horizon)
-        return out[..., 0], out[..., 1:]
+        return out[..., 0].contiguous(), out[..., 1:]
 
     def _patchtst(self, past_values: torch.Tensor, horizon: int) -> torch.Tensor:
         config = self.model.config
@@ -184,7 +184,7 @@ class Forecasting(PeftTask):
             raise ConfigError(f"this PatchTST backbone forecasts {config.prediction_length} values; the data asks for "
                               f"{horizon}: set the horizon to {config.prediction_length} or less")
         out = self.backbone(past_values=past_values[..., None]).prediction_outputs  # (B, prediction_length, 1)
-        return out[:, :horizon, 0]
+        return out[:, :horizon, 0].contiguous()
 
     def _timesfm_decode(self, values: torch.Tensor, padding: torch.Tensor, freq: torch.Tensor, last_only: bool) -> torch.Tensor:
         """One decoder pass: (B, patches or 1, horizon_length, 1 + Q) in the input's scale."""
