@@ -138,6 +138,13 @@ class _Unlabelled:
         return len(self.loader)
 
 
+def _flat_positions(layer_input, model_input, layer_name: str):
+    """A layer's input as (positions, features) for EVA's SVD (peft's default views, which fails on
+    PatchTST's non-contiguous inputs)."""
+    x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
+    return x.reshape(-1, x.shape[-1])
+
+
 class EVA(LoRA):
     """LoRA with A initialized from the SVD of input activations on the first training batches.
 
@@ -184,10 +191,17 @@ class EVA(LoRA):
         backbone = task.backbone.to(device)
 
         def forward(model, inputs):
-            return model(**{k: v.to(device) for k, v in inputs.items()})
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            # a task whose batches are not the model's keyword arguments (a forecaster's windows) says how to run one
+            run = getattr(task, "activation_forward", None)
+            return run(inputs) if run is not None else model(**inputs)
 
+        # token data: peft's language-modelling defaults skip padded positions; windows of series have none,
+        # and each layer's input is flattened to (positions, features)
+        windows = getattr(task, "activation_forward", None) is not None
+        kwargs = {"prepare_model_inputs_fn": None, "prepare_layer_inputs_fn": _flat_positions} if windows else {}
         initialize_lora_eva_weights(backbone, dataloader=_Unlabelled(loader), forward_fn=forward,
-                                    show_progress_bar=False)
+                                    show_progress_bar=False, **kwargs)
         config = backbone.peft_config["default"]
         self.layout = {"target_modules": sorted(config.target_modules), "rank_pattern": dict(config.rank_pattern),
                        "alpha_pattern": dict(config.alpha_pattern)}

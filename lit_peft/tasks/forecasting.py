@@ -218,6 +218,10 @@ class Forecasting(PeftTask):
             padding = F.pad(padding, (0, step))
         return torch.cat(parts, dim=1)[:, :horizon]
 
+    def activation_forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One forward pass over a batch of windows (EVA reads the layers' inputs during it)."""
+        return self.forecast(batch["past_values"], batch["freq"], batch["future_values"].shape[1])[0]
+
     # ---- loss and metrics ----------------------------------------------------------------------
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self._loss_and_forecast(batch)[0]

@@ -104,6 +104,7 @@ CASES = [
     Case("rslora", lambda a: methods.RsLoRA(r=R, alpha=8), lambda m, a: lora(m)),
     Case("pissa", lambda a: methods.PiSSA(r=R, alpha=R), lambda m, a: lora(m), lr=1e-2),
     Case("olora", lambda a: methods.OLoRA(r=R, alpha=8), lambda m, a: lora(m), lr=1e-2),
+    Case("eva", lambda a: methods.EVA(r=R, alpha=8, rho=1.0), lambda m, a: lora(m)),
     Case("adalora", lambda a: methods.AdaLoRA(init_r=R, target_r=2, alpha=8, tinit=4, tfinal=4, delta_t=2),
          lambda m, a: lora(m, per_layer=lambda x: R)),
     Case("ia3", lambda a: methods.IA3(targets=["k_proj", "v_proj", ARCH[a]["ff"]], feedforward_modules=[ARCH[a]["ff"]]),
