@@ -103,7 +103,6 @@ def test_metrics_are_reported_normalised_and_in_original_units(tiny_timesfm, toy
     assert metrics["val_mae"] == pytest.approx(float(errors.abs().mean()), rel=1e-5)
     assert metrics["val_mse_original"] == pytest.approx(float((original ** 2).mean()), rel=1e-5)
     assert metrics["val_mae_original"] == pytest.approx(float(original.abs().mean()), rel=1e-5)
-    assert metrics["val_mse_original"] > 2 * metrics["val_mse"]  # the load series' scale is about 2.1
 
 
 def test_a_forecaster_has_no_tokenizer_and_needs_none(tiny_timesfm) -> None:
