@@ -64,7 +64,7 @@ def timesfm_freq(freq: Union[str, int]) -> int:
     return 0 if days < 6 else 1 if days < 85 else 2
 
 
-def infer_freq(times: "Any", source: str) -> Optional[str]:
+def infer_freq(times: "Any") -> Optional[str]:
     """The pandas alias of a time index (the most common step where ``pd.infer_freq`` gives up)."""
     import pandas as pd
 
@@ -295,7 +295,7 @@ class ForecastingData(SplitDataModule):
             i = int(np.argmax(steps <= 0)) + 1
             raise ConfigError(f"{path}: time column '{h.time_column}' is not strictly increasing at line {i + 2} "
                               f"({times.iloc[i]} after {times.iloc[i - 1]}); sort the rows by time and drop duplicates")
-        self.alias = infer_freq(times, str(path)) if h.freq is None or isinstance(h.freq, int) else str(h.freq)
+        self.alias = infer_freq(times) if h.freq is None or isinstance(h.freq, int) else str(h.freq)
         if h.freq is None and self.alias is None:
             raise ConfigError(f"{path}: cannot infer the frequency of '{h.time_column}'; set data.init_args.freq")
         self.freq_index = timesfm_freq(h.freq if h.freq is not None else self.alias)

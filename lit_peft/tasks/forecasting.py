@@ -259,14 +259,9 @@ class Forecasting(PeftTask):
         valid = index < full.shape[1]
         targets = full[:, index.clamp(max=full.shape[1] - 1)]  # (B, N, step)
         mask = valid.expand_as(targets)
-        mean, quant = out[..., 0].float(), out[..., 1:].float()
-        loss = ((mean - targets) ** 2)[mask].mean()
-        if self.quantile_loss_weight > 0:
-            levels = torch.tensor(config.quantiles, dtype=torch.float32, device=full.device)
-            error = targets[..., None] - quant
-            per = torch.maximum((levels - 1) * error, levels * error)[mask].mean(dim=0)
-            loss = loss + self.quantile_loss_weight * (per.sum() if self.quantile_reduction == "sum" else per.mean())
-        return loss
+        # the scored (patch, step) pairs as one row: the same loss as a window's, over all of them
+        mean, quant = out[..., 0].float()[mask][None], out[..., 1:].float()[mask][None]
+        return self.point_and_quantile_loss(mean, quant, targets[mask][None])
 
     def step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         loss, mean = self._loss_and_forecast(batch)
