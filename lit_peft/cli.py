@@ -9,11 +9,14 @@ top-level keys of our own, both Callbacks that join ``trainer.callbacks``:
 - ``predictions``: where ``predict`` writes (JSONL, or CSV for forecasts; the run folder by default).
 
 ``merge`` and ``export`` turn a checkpoint into a merged transformers model folder or a PEFT
-adapter folder. Bad input (``ConfigError``) prints one message and exits with status 2.
+adapter folder; ``slurm`` renders an sbatch script from a template in ``slurm/`` and submits it.
+Inside a Slurm batch job every run gets the job's own folder (``lit_peft.slurm``), and Lightning's
+requeue on SIGUSR1 is taken at a step boundary (``lit_peft.preemption``). Bad input (``ConfigError``) prints one message and exits with status 2.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -21,26 +24,35 @@ from typing import Optional
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from lit_peft import slurm
 from lit_peft.errors import ConfigError
 from lit_peft.metrics import EfficiencyReport, run_dir
 from lit_peft.predictions import PredictionWriter
 from lit_peft.methods.base import Method
+from lit_peft.preemption import RequeueAtStepEnd
 
 EXTRA = {
     "merge": "Fold a checkpoint's trained state into the backbone; save a transformers model folder.",
     "export": "Save a checkpoint's adapter as a PEFT adapter folder (adapter_config.json + safetensors).",
+    "slurm": "Render an sbatch script for a config (nodes, GPUs, array of configs or methods) and submit it.",
 }
 
 
 class SaveConfigToRunDir(SaveConfigCallback):
     """Lightning's config saving, into lit-peft's run folder (``metrics.run_dir``): per run even where
-    the first logger is W&B's, whose ``log_dir`` is shared; an existing config is a clear error."""
+    the first logger is W&B's, whose ``log_dir`` is shared; an existing config is a clear error, except
+    in a requeued Slurm job, which continues its own folder. The resolved config also goes to the
+    W&B run's config."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.already_saved:
             return
         path = run_dir(trainer) / self.config_filename
         exists = trainer.strategy.broadcast(path.is_file() if trainer.is_global_zero else False)
+        self.save_config(trainer, pl_module, stage)
+        if exists and slurm.requeued():
+            self.already_saved = True
+            return
         if exists and not self.overwrite:
             raise ConfigError(f"{path} already exists: that run folder belongs to an earlier run and is left as it "
                               "is; choose another --trainer.logger.init_args.name or .version")
@@ -49,6 +61,14 @@ class SaveConfigToRunDir(SaveConfigCallback):
             self.parser.save(self.config, str(path), skip_none=False, overwrite=self.overwrite, multifile=self.multifile)
             self.already_saved = True
         self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                config = self.parser.dump(self.config, format="json", skip_none=False)
+                logger.experiment.config.update({"lit_peft": json.loads(config)}, allow_val_change=True)
 
 
 class LitPeftCLI(LightningCLI):
@@ -59,10 +79,18 @@ class LitPeftCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "predictions")
 
 
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit":  # in a Slurm batch job: the job's own run folder
+            slurm.key_run_folder(self.config["fit"]["trainer"])
+
+    def before_fit(self) -> None:
+        slurm.continue_csv_metrics(self.trainer)
+
     def instantiate_trainer(self, **kwargs):
         # as LightningCLI's, but `method: null` (a plain LightningModule of your own) adds no callback
         keys = self._parser(self.subcommand).callback_keys
         extra = [cb for cb in (self._get(self.config_init, k) for k in keys) if cb is not None]
+        extra.append(RequeueAtStepEnd())
         return self._instantiate_trainer({**self._get(self.config_init, "trainer", default={}), **kwargs}, extra)
 
 
@@ -89,10 +117,15 @@ def run_lightning(args: Optional[list[str]] = None) -> None:
     )
 
 
-def run_extra(command: str, args: list[str]) -> None:
+def run_extra(command: str, args: list[str]) -> Optional[int]:
     from jsonargparse import ArgumentParser
 
     from lit_peft import export as exporting
+
+    if command == "slurm":
+        from lit_peft.submit import main as submit
+
+        return submit(args)
 
     parser = ArgumentParser(prog=f"lit-peft {command}", description=EXTRA[command])
     parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `lit-peft fit`")

@@ -4,7 +4,7 @@
 wall time, training samples per second (validation time excluded), peak memory (CUDA max allocated
 on a GPU, the process's peak resident set on a CPU), checkpoint and adapter size. At the end of fit
 and of test it logs them and writes them, with every final metric by its logged name, to
-``summary.json`` in the run folder (the logger's folder). Lightning has no callback that reports
+``summary.json`` in the run folder (the logger's folder), and into a W&B run's summary and config. Lightning has no callback that reports
 these together, so this one is written here.
 """
 
@@ -139,6 +139,10 @@ class EfficiencyReport(Callback):
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._t_epoch, self._val_in_epoch = time.perf_counter(), 0.0
 
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        if not self._t_epoch:  # a run resumed mid-epoch gets no on_train_epoch_start for that epoch
+            self._t_epoch, self._val_in_epoch = time.perf_counter(), 0.0
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         if isinstance(batch, Mapping):
             first = next(iter(batch.values()))
@@ -154,6 +158,8 @@ class EfficiencyReport(Callback):
             self._val_in_epoch += time.perf_counter() - self._t_val
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._t_epoch:
+            return
         self.train_seconds += time.perf_counter() - self._t_epoch - self._val_in_epoch
         self._t_epoch = 0.0
 
@@ -191,9 +197,13 @@ class EfficiencyReport(Callback):
             "device": trainer.strategy.root_device.type,
             "precision": str(trainer.precision),
         }
+        figures.update(world_size=trainer.world_size, num_nodes=trainer.num_nodes)
         if self.fit_seconds:
-            figures.update(train_time_s=round(self.fit_seconds, 2),
-                           samples_per_s=round(self.samples / self.train_seconds, 2) if self.train_seconds else None)
+            samples = self.samples
+            if trainer.world_size > 1:  # every rank's share of the batches (collective: every rank computes figures)
+                samples = int(trainer.strategy.reduce(torch.tensor(float(samples)), reduce_op="sum").item())
+            figures.update(train_time_s=round(self.fit_seconds, 2), train_samples=samples,
+                           samples_per_s=round(samples / self.train_seconds, 2) if self.train_seconds else None)
         return figures
 
     @staticmethod
@@ -222,7 +232,24 @@ class EfficiencyReport(Callback):
         summary["stages"] = sorted(set(summary["stages"]) | {stage})
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        to_wandb(trainer, summary)
         print(format_summary(summary, path))
+
+
+#: the figures that describe a run rather than measure it: they go to the W&B run's config too
+RUN_FIELDS = ("method", "task", "data", "backbone", "trainable_params", "total_params", "trainable_pct", "device", "precision")
+
+
+def to_wandb(trainer: Trainer, summary: dict[str, Any]) -> None:
+    """Every ``summary.json`` figure into each W&B logger's run summary, and what describes the run
+    (method, trainable %) into its config, so W&B's run table compares runs as summary.json does."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            run = logger.experiment
+            run.summary.update(summary)
+            run.config.update({k: summary[k] for k in RUN_FIELDS if k in summary}, allow_val_change=True)
 
 
 def format_summary(summary: dict[str, Any], path: Path) -> str:

@@ -12,13 +12,14 @@ tokenizer); ``TokenizedDataModule`` adds the tokenizer lookup.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lit_peft.errors import ConfigError
 
@@ -144,18 +145,31 @@ class PadCollator:
         return batch
 
 
-class EpochShuffle(Sampler[int]):
-    """A fresh permutation each epoch, drawn from (seed, epoch) alone.
+class EpochShuffle(DistributedSampler):
+    """A fresh permutation each epoch, drawn from (seed, epoch) alone; under DDP, this rank's share.
 
     No epoch's order depends on what was drawn before, and iterating draws nothing from the global
     random stream, so a resumed run (the loader fast-forwards through the epoch's first batches)
     sees the order an uninterrupted one would. The epoch is read from ``epoch_fn`` (the trainer's
     count of processed epochs) when the permutation is drawn: a resumed Lightning run creates its first iterator
     before it calls ``set_epoch``.
+
+    With ``num_replicas`` processes, rank ``r`` takes every ``num_replicas``-th index of the
+    permutation from ``r`` on (padded by repeating its start, as ``DistributedSampler`` does). It is a
+    ``DistributedSampler`` so that Lightning does not wrap it in one: the wrapper would shuffle again
+    with its own epoch counter, which a resumed run restarts at 0 (the resumed DDP run saw other
+    batches than the uninterrupted one). ``DistributedSampler.__init__`` is not called: it would ask
+    ``torch.distributed`` for the layout, which the trainer already knows.
     """
 
-    def __init__(self, size: int, seed: int, epoch_fn: Optional[Callable[[], int]] = None) -> None:
+    def __init__(self, size: int, seed: int, epoch_fn: Optional[Callable[[], int]] = None,
+                 num_replicas: int = 1, rank: int = 0) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
         self.size, self.seed, self.epoch, self.epoch_fn = size, seed, 0, epoch_fn
+        self.num_replicas, self.rank, self.shuffle, self.drop_last = num_replicas, rank, True, False
+        self.num_samples = math.ceil(size / num_replicas)
+        self.total_size = self.num_samples * num_replicas
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -163,10 +177,14 @@ class EpochShuffle(Sampler[int]):
     def __iter__(self):
         epoch = self.epoch_fn() if self.epoch_fn is not None else self.epoch
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        order = torch.randperm(self.size, generator=generator).tolist()
+        if self.num_replicas == 1:
+            return iter(order)
+        order += (order * self.num_replicas)[: self.total_size - len(order)]
+        return iter(order[self.rank:self.total_size:self.num_replicas])
 
     def __len__(self) -> int:
-        return self.size
+        return self.num_samples
 
 
 class SplitDataModule(LightningDataModule):
@@ -186,13 +204,19 @@ class SplitDataModule(LightningDataModule):
             from torchdata.stateful_dataloader import StatefulDataLoader
 
             return StatefulDataLoader(self.datasets[split], batch_size=h.batch_size,
-                                      sampler=EpochShuffle(len(self.datasets[split]), h.seed, self._epoch),
+                                      sampler=EpochShuffle(len(self.datasets[split]), h.seed, self._epoch,
+                                                           *self._replicas()),
                                       generator=torch.Generator().manual_seed(h.seed),
                                       collate_fn=self.collate_fn(True), num_workers=h.num_workers)
         # a generator of its own, so iterating does not draw from the global random stream (exact resume)
         return DataLoader(self.datasets[split], batch_size=h.eval_batch_size or h.batch_size, shuffle=False,
                           collate_fn=self.collate_fn(False), num_workers=h.num_workers,
                           generator=torch.Generator().manual_seed(h.seed))
+
+    def _replicas(self) -> tuple[int, int]:
+        """(processes, this one's rank) of the run: each takes its share of every epoch."""
+        t = self.trainer
+        return (t.world_size, t.global_rank) if t is not None else (1, 0)
 
     def _epoch(self) -> int:
         # the value Lightning gives set_epoch, read when the permutation is drawn

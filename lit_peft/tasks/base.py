@@ -154,7 +154,7 @@ class PeftTask(LightningModule, abc.ABC):
         loss = self.step(batch, "train")
         extra = self.method.regularization(self) if self.method is not None else None
         if extra is not None:
-            self.log("train_regularization", extra, on_step=True, on_epoch=True)
+            self.log("train_regularization", extra, on_step=True, on_epoch=True, sync_dist=True)
             loss = loss + extra
         return loss
 
@@ -166,7 +166,7 @@ class PeftTask(LightningModule, abc.ABC):
         device on every call (0.7 ms a step for two on a CPU, ``benchmarks/throughput.py --tiny``)."""
         parts = metric.values() if hasattr(metric, "values") else [metric]
         if any(m.update_count for m in parts):  # compute() syncs across processes
-            self.log_dict(names(metric.compute()), prog_bar=prog_bar)
+            self.log_dict(names(metric.compute()), prog_bar=prog_bar, sync_dist=True)  # equal on every rank
         metric.reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -235,9 +235,13 @@ class PeftTask(LightningModule, abc.ABC):
         checkpoint["lit_peft"] = {
             "task": self.spec(),
             "method": self.method.spec() if self.method is not None else None,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()]},
+            "rng": rng_state(),
         }
+        # every rank's stream (dropout masks differ per rank): a resumed DDP run continues each one
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            per_rank: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(per_rank, checkpoint["lit_peft"]["rng"])
+            checkpoint["lit_peft"]["rng_per_rank"] = per_rank
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.method is not None:
@@ -253,16 +257,28 @@ class PeftTask(LightningModule, abc.ABC):
             )
         # restored at the first training batch: what runs between here and there (sanity checks,
         # other callbacks) must not shift the random stream an uninterrupted run would have seen
-        self._rng_to_restore = checkpoint.get("lit_peft", {}).get("rng")
+        meta = checkpoint.get("lit_peft", {})
+        per_rank = meta.get("rng_per_rank")
+        world = self.trainer.world_size if self._trainer is not None else 1
+        self._rng_to_restore = per_rank[self.global_rank] if per_rank and len(per_rank) == world else meta.get("rng")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         rng = getattr(self, "_rng_to_restore", None)
         if rng:
             torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") is not None and torch.cuda.is_available() and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
             random.setstate(rng["python"])
             kind, keys, pos, has_gauss, gauss = rng["numpy"]
             np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
             self._rng_to_restore = None
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random streams: torch's (and the current CUDA device's), Python's, NumPy's."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+            "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()]}
 
 
 def adamw(groups: list[dict[str, Any]], lr: float, fused: bool = True) -> torch.optim.AdamW:

@@ -151,9 +151,9 @@ class CausalLM(PeftTask):
         loss = self.loss(batch)
         if stage == "train":  # per step, weighted by rows (counting tokens would sync a GPU every step)
             rows = batch["input_ids"].shape[0]
-            self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=rows)
+            self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=rows, sync_dist=True)
         else:  # the mean over all response tokens of the split, whatever the eval batch size
-            self.log(f"{stage}_loss", loss, on_epoch=True, prog_bar=True, batch_size=self.response_tokens(batch))
+            self.log(f"{stage}_loss", loss, on_epoch=True, prog_bar=True, batch_size=self.response_tokens(batch), sync_dist=True)
         if stage == "test" or (stage == "val" and self.generate_in_validation):
             self.score(self.generate(batch), batch["references"], stage)
         return loss

@@ -1,0 +1,103 @@
+"""What a run does differently inside a Slurm batch job: its own run folder, and continuing in it.
+
+Lightning does the rest of Slurm (``SLURMEnvironment``: ranks, node list, the main address, and
+auto-requeue on SIGUSR1 with an HPC checkpoint in ``trainer.default_root_dir``). What it leaves to
+us is where a job writes: by default every job of a root folder shares ``default_root_dir`` (the HPC
+checkpoints of two jobs would overwrite each other) and gets the next ``version_N`` (a requeued job
+would start a new one). So in a batch job the logger's version is the job's key (``slurm-<cluster>-
+<job id>``, with ``_<array index>`` in an array job) unless the config names one, and
+``default_root_dir`` is that run folder: a requeued job finds its folder, its HPC checkpoint, its
+``summary.json`` and its W&B run id (the version is W&B's run id) again.
+
+Lightning's CSV logger deletes an existing ``metrics.csv`` when it starts; a requeued job keeps it
+and appends (``continue_csv_metrics``).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import CSVLogger
+
+
+def job_key(env: Optional[dict[str, str]] = None) -> Optional[str]:
+    """``slurm-<cluster>-<job id>[_<array index>]`` inside a Slurm batch job, else ``None``.
+
+    Interactive allocations (``salloc``, ``srun --pty bash``) are not batch jobs: Lightning's
+    ``SLURMEnvironment.detect`` and ours agree on that through ``SLURM_JOB_NAME``."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    env = os.environ if env is None else env
+    if "SLURM_JOB_ID" not in env or env.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return None
+    if env is os.environ and not SLURMEnvironment.detect():
+        return None
+    job = (f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}" if env.get("SLURM_ARRAY_JOB_ID")
+           else env["SLURM_JOB_ID"])
+    cluster = env.get("SLURM_CLUSTER_NAME")
+    return f"slurm-{cluster}-{job}" if cluster else f"slurm-{job}"
+
+
+def requeued(env: Optional[dict[str, str]] = None) -> bool:
+    """Whether this batch job is a requeued one (Slurm counts restarts in ``SLURM_RESTART_COUNT``)."""
+    env = os.environ if env is None else env
+    return int(env.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+
+
+def _get(spec: Any, key: str, default: Any = None) -> Any:
+    if spec is None:
+        return default
+    value = spec.get(key, default) if hasattr(spec, "get") else getattr(spec, key, default)
+    return default if value is None else value
+
+
+def key_run_folder(trainer_cfg: Any, key: Optional[str] = None) -> Optional[Path]:
+    """Point the trainer config (a jsonargparse Namespace or dict of ``Trainer`` arguments) at the
+    job's run folder: the first logger's version becomes ``key`` where the config gives none, and
+    ``default_root_dir`` becomes that folder. Returns the folder, or ``None`` outside a batch job."""
+    key = key or job_key()
+    if key is None:
+        return None
+    logger = _get(trainer_cfg, "logger")
+    loggers = [lg for lg in (logger if isinstance(logger, (list, tuple)) else [logger])
+               if hasattr(lg, "get") and lg.get("class_path")]
+    folder = Path(_get(trainer_cfg, "default_root_dir") or ".") / key  # no logger, or Lightning's default one
+    for i, spec in enumerate(loggers):  # every logger continues under the key: CSV's folder, W&B's run id
+        args = spec.get("init_args")
+        if args is None:
+            spec["init_args"] = args = {}
+        is_wandb = spec["class_path"].rsplit(".", 1)[-1] == "WandbLogger"
+        version = _get(args, "version") or (_get(args, "id") if is_wandb else None)
+        if version is None:
+            args["version"] = version = key
+        if i == 0:  # the run folder is the first logger's (metrics.run_dir)
+            name = _get(args, "project", "lightning_logs") if is_wandb else _get(args, "name", "lightning_logs")
+            save_dir = _get(args, "save_dir") or _get(args, "dir") or _get(trainer_cfg, "default_root_dir") or "."
+            folder = Path(save_dir) / str(name) / str(version)
+    trainer_cfg["default_root_dir"] = str(folder)
+    return folder
+
+
+def continue_csv_metrics(trainer: Trainer) -> None:
+    """In a requeued job, start each CSV logger's writer on its existing ``metrics.csv`` so the new
+    rows are appended under the old header (Lightning's writer deletes the file when it starts)."""
+    if not requeued() or not trainer.is_global_zero:  # other ranks' loggers write nothing
+        return
+    for logger in trainer.loggers:
+        if not isinstance(logger, CSVLogger) or logger._experiment is not None:
+            continue
+        path = Path(logger.log_dir) / "metrics.csv"
+        if not path.is_file():
+            continue
+        aside = path.with_name("metrics.csv.requeued")
+        path.rename(aside)
+        try:
+            writer = logger.experiment
+        finally:
+            aside.rename(path)
+        with path.open(newline="") as f:
+            writer.metrics_keys = sorted(next(csv.reader(f), []))
