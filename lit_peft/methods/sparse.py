@@ -120,7 +120,8 @@ def full_names(model: nn.Module, targets: Targets, exclude: tuple[str, ...]) -> 
 
 def choose_by_gradient(task, trainer: Trainer, wrappers: dict[str, SparseDelta], batches: int) -> None:
     """Set each wrapper's indices to the top-k entries of sum_b |dL_b/dW| over the first ``batches``
-    training batches (model in eval mode: no dropout, so the choice is reproducible)."""
+    training batches (model in eval mode: no dropout, so the choice is reproducible). Under DDP the
+    sums add up every rank's batches, so every rank chooses the same entries."""
     loader = trainer.datamodule.train_dataloader()
     device = trainer.strategy.root_device
     task.to(device)
@@ -151,6 +152,9 @@ def choose_by_gradient(task, trainer: Trainer, wrappers: dict[str, SparseDelta],
         task.train(was_training)
     if seen == 0:
         raise ConfigError("choosing the sparse entries needs at least one training batch, but the train loader is empty")
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.world_size > 1:
+        for score in scores.values():
+            torch.distributed.all_reduce(score)
     for name, w in wrappers.items():
         k = w.sparse_values.numel()
         top = torch.topk(scores[name].flatten(), k).indices.sort().values
