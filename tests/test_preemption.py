@@ -1,0 +1,95 @@
+"""Preemption without a cluster: a Slurm batch job's environment, a fake ``scontrol`` that records
+what it was asked, and SIGUSR1 sent mid-run. The run stops at the end of that step with an HPC
+checkpoint, asks for a requeue, and the requeued run resumes from it and ends with the weights of
+an uninterrupted run. (``tests/slurm/`` does the same under a real Slurm, with two processes.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback, seed_everything
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from conftest import quiet_trainer
+from lit_peft import methods
+from lit_peft.data import SST2Data
+from lit_peft.preemption import RequeueAtStepEnd
+from lit_peft.tasks import SequenceClassification
+
+STEPS, SIGNAL_AT = 24, 7
+
+
+class SignalAt(Callback):
+    """Sends this process SIGUSR1 during training step ``step`` (before its optimizer step)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def fit(tiny_bert: str, toy_data: Path, root: Path, *callbacks) -> SequenceClassification:
+    seed_everything(7)  # the same head and LoRA initialisation in every run
+    task = SequenceClassification(backbone=tiny_bert, num_labels=2, learning_rate=1e-2, warmup_ratio=0.0)
+    data = SST2Data(data_dir=str(toy_data), batch_size=16, max_length=16)
+    trainer = quiet_trainer(max_steps=STEPS, callbacks=[methods.LoRA(r=4, alpha=8, dropout=0.1), *callbacks],
+                            default_root_dir=str(root))
+    trainer.fit(task, datamodule=data)
+    return task
+
+
+def trained(task) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in task.state_dict().items() if k in task.trained_keys()}
+
+
+@pytest.fixture
+def slurm_job(monkeypatch, tmp_path) -> Path:
+    """This process as task 0 of Slurm batch job 4242, with a ``scontrol`` that logs its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "scontrol.log"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    for key, value in {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "lit-peft", "SLURM_NTASKS": "1",
+                       "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+                       "SLURM_NODELIST": "localhost", "SLURM_CLUSTER_NAME": "test"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    return log
+
+
+def test_requeue_signal_stops_at_a_step_boundary_and_resumes_exactly(slurm_job, monkeypatch, tiny_bert, toy_data,
+                                                                     tmp_path) -> None:
+    monkeypatch.setenv("SLURM_JOB_ID", "1")  # the reference: a batch job nobody signals
+    want = trained(fit(tiny_bert, toy_data, tmp_path / "uninterrupted", RequeueAtStepEnd()))
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+
+    root = tmp_path / "job"
+    with pytest.raises(SIGTERMException):
+        fit(tiny_bert, toy_data, root, RequeueAtStepEnd(), SignalAt(SIGNAL_AT))
+    (hpc,) = root.glob("hpc_ckpt_*.ckpt")
+    saved = torch.load(hpc, map_location="cpu", weights_only=False)
+    assert saved["global_step"] == SIGNAL_AT + 1  # the signalled step finished, and nothing after it
+    assert slurm_job.read_text().split() == ["requeue", "4242"]
+    # only what trained: LoRA's A and B and the classifier, no frozen backbone weight
+    assert saved["state_dict"] and all("lora_" in k or "classifier" in k for k in saved["state_dict"])
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the requeued job: Lightning resumes from the HPC checkpoint
+    got = trained(fit(tiny_bert, toy_data, root, RequeueAtStepEnd()))
+    assert set(got) == set(want)
+    assert max((got[k] - want[k]).abs().max().item() for k in want) == 0.0
+
+
+def test_outside_slurm_the_signal_is_left_alone(monkeypatch, tiny_bert, toy_data, tmp_path) -> None:
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    callback = RequeueAtStepEnd()
+    fit(tiny_bert, toy_data, tmp_path, callback)
+    assert callback.signum is None and callback.deferred is None
