@@ -9,6 +9,9 @@ arrive, so nothing is held in memory. Where the rows go is the task's to say:
   ``prediction_table(example)`` (one per forecast step for a forecaster) under one header.
 - ``plot_prediction(example, path)``: with ``plots: true``, a PNG of each series' last example,
   next to the file (tasks without it refuse the option).
+
+Under DDP each rank writes its examples, with their dataset indices, to a part file; at the end rank
+zero writes the one file (and the plots) in dataset order and removes the parts.
 """
 
 from __future__ import annotations
@@ -44,44 +47,75 @@ class PredictionWriter(BasePredictionWriter):
             raise ConfigError(f"predictions.path '{target}' must end in .jsonl or .csv")
         if self.plots and not hasattr(pl_module, "plot_prediction"):
             raise ConfigError(f"{type(pl_module).__name__} draws no plots; leave predictions.plots false")
-        if trainer.world_size > 1:
-            target = target.with_name(f"{target.stem}.rank{trainer.global_rank}{target.suffix}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        self.written = target
         plot_dir = target.with_name(f"{target.stem}_plots")
         for existing in (target, plot_dir) if self.plots else (target,):
             if existing.exists():  # never overwrite an earlier run's predictions
                 raise ConfigError(f"'{existing}' already exists; give another predictions.path (or move it) so "
                                   "earlier predictions are kept")
-        self._file = target.open("x", newline="")
-        self._csv: Optional[csv.DictWriter] = None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.written, self._plot_dir = target, plot_dir
         self._table = getattr(pl_module, "prediction_table", lambda example: [example])
         self._last: dict[str, dict[str, Any]] = {}
-        self._plot_dir = plot_dir
+        self._csv: Optional[csv.DictWriter] = None
+        self._seen = 0
+        if trainer.world_size > 1:  # this rank's share, merged by rank zero at the end
+            self._part = self.part_file(trainer.global_rank)
+            self._file = self._part.open("w")
+        else:
+            self._part = None
+            self._file = target.open("x", newline="")
+
+    def part_file(self, rank: int) -> Path:
+        return self.written.with_name(f".{self.written.name}.rank{rank}.part")
 
     def write_on_batch_end(self, trainer, pl_module, prediction: Any, batch_indices, batch, batch_idx: int,
                            dataloader_idx: int) -> None:
         if not isinstance(prediction, dict):
             return
         keys = list(prediction)
-        for values in zip(*(prediction[k] for k in keys)):
+        for j, values in enumerate(zip(*(prediction[k] for k in keys))):
             example = dict(zip(keys, values))
-            if self.plots:
-                self._last[str(example.get("series", "all"))] = example
-            if self.written.suffix == ".jsonl":
-                self._file.write(json.dumps(example) + "\n")
+            if self._part is None:
+                self._emit(example)
                 continue
-            for row in self._table(example):
-                if self._csv is None:
-                    self._csv = csv.DictWriter(self._file, fieldnames=list(row))
-                    self._csv.writeheader()
-                self._csv.writerow(row)
+            # the dataset index Lightning tracks for writers; else the predict sampler's order (rank::world)
+            index = batch_indices[j] if batch_indices else self._seen * trainer.world_size + trainer.global_rank
+            self._file.write(json.dumps({"index": int(index), "example": example}) + "\n")
+            self._seen += 1
+
+    def _emit(self, example: dict[str, Any]) -> None:
+        if self.plots:
+            self._last[str(example.get("series", "all"))] = example
+        if self.written.suffix == ".jsonl":
+            self._file.write(json.dumps(example) + "\n")
+            return
+        for row in self._table(example):
+            if self._csv is None:
+                self._csv = csv.DictWriter(self._file, fieldnames=list(row))
+                self._csv.writeheader()
+            self._csv.writerow(row)
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._file is None:
             return
         self._file.close()
         self._file = None
+        if self._part is not None:
+            trainer.strategy.barrier("lit_peft.predictions")  # every rank's part is complete
+            if not trainer.is_global_zero:
+                return
+            parts = [self.part_file(rank) for rank in range(trainer.world_size)]
+            rows = sorted((json.loads(line) for part in parts for line in part.open()), key=lambda r: r["index"])
+            seen: set[int] = set()
+            self._file = self.written.open("x", newline="")
+            for row in rows:
+                if row["index"] not in seen:  # the sampler pads no rank in predict, but be sure
+                    seen.add(row["index"])
+                    self._emit(row["example"])
+            self._file.close()
+            self._file = None
+            for part in parts:
+                part.unlink()
         print(f"[lit-peft] predictions: {self.written}")
         if self.plots and self._last:
             self._plot_dir.mkdir(parents=True)
