@@ -50,3 +50,18 @@ def test_predict_over_two_processes_writes_one_ordered_file(ddp_fit, toy_data, t
     assert [r["pred"] for r in two] == [r["pred"] for r in one]
     assert all(abs(a - b) < 1e-5 for r, s in zip(one, two) for a, b in zip(r["probs"], s["probs"]))
     assert not list(tmp_path.glob(".*.part"))  # the ranks' parts are gone
+
+
+def test_test_metrics_are_synced_over_ranks(ddp_fit, tmp_path) -> None:
+    """Each rank scores half of the dev rows; the logged accuracy and loss are the whole set's."""
+    config, folder = ddp_fit
+    ckpt = next((folder / "runs" / "toy" / "version_0" / "checkpoints").glob("*.ckpt"))
+    scores = {}
+    for name, extra in (("one", ()), ("two", DDP)):
+        done = lit_peft("test", "--config", str(config), "--ckpt_path", str(ckpt), "--trainer.logger.init_args.save_dir",
+                        str(tmp_path / name), *extra, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        scores[name] = json.loads((tmp_path / name / "toy" / "version_0" / "summary.json").read_text())
+    assert scores["two"]["world_size"] == 2
+    assert scores["two"]["test_acc"] == pytest.approx(scores["one"]["test_acc"], abs=1e-6)
+    assert scores["two"]["test_loss"] == pytest.approx(scores["one"]["test_loss"], rel=1e-5)

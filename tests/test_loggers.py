@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,10 @@ def test_wandb_offline_preset_gets_config_and_every_summary_figure(tiny_bert, to
              cwd=tmp_path)
     (folder,) = (tmp_path / "wb" / "wandb").glob("offline-run-*")
     run = read_run(folder)
+    deadline = time.time() + 60
+    while (run["id"] is None or "stages" not in run["summary"]) and time.time() < deadline:
+        time.sleep(1)  # wandb's service process may still be writing the file after the run's process ended
+        run = read_run(folder)
     (summary_path,) = (tmp_path / "wb" / "toy").glob("*/summary.json")
     assert summary_path.parent.name == run["id"]  # the run folder is named by the W&B run id
     summary = json.loads(summary_path.read_text())

@@ -139,6 +139,8 @@ class SlurmCluster:
             (d / sub).mkdir()
         nodes = "\n".join(f"NodeName={n} NodeAddr={a} CPUs={self.cpus} State=UNKNOWN"
                           for n, a in zip(self.node_names, self.addresses))
+        # cred_expire: how long a job credential lives, and so how long a requeued job waits before
+        # it may start again (120 s by default; starting it sooner fails: "Job credential revoked")
         self.conf = d / "slurm.conf"
         self.conf.write_text(f"""\
 ClusterName=litpeft
@@ -147,7 +149,7 @@ SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={self.munge_socket}
+AuthInfo=socket={self.munge_socket},cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={d}/state
@@ -212,6 +214,10 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
     def sh(self, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
         """Run a Slurm client command against this cluster."""
         return run(*cmd, check=check, timeout=timeout, env={**os.environ, **self.env})
+
+    def daemon_logs(self, chars: int = 1500) -> str:
+        """The ends of slurmctld's and each slurmd's logs (for a failed job's message)."""
+        return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-chars:]}" for p in sorted(self.dir.glob("*.log")))
 
     def idle(self) -> bool:
         """Whether every node is idle (no job, none still completing)."""
