@@ -9,7 +9,8 @@ top-level keys of our own, both Callbacks that join ``trainer.callbacks``:
 - ``predictions``: where ``predict`` writes (JSONL, or CSV for forecasts; the run folder by default).
 
 ``merge`` and ``export`` turn a checkpoint into a merged transformers model folder or a PEFT
-adapter folder; ``slurm`` renders an sbatch script from a template in ``slurm/`` and submits it.
+adapter folder; ``slurm`` renders an sbatch script from a template in ``slurm/`` and submits it;
+``compare`` runs a study of methods and seeds and writes its tables and plots (``lit_peft.compare``).
 Inside a Slurm batch job every run gets the job's own folder (``lit_peft.slurm``), and Lightning's
 requeue on SIGUSR1 is taken at a step boundary (``lit_peft.preemption``). Bad input (``ConfigError``) prints one message and exits with status 2.
 """
@@ -35,6 +36,7 @@ EXTRA = {
     "merge": "Fold a checkpoint's trained state into the backbone; save a transformers model folder.",
     "export": "Save a checkpoint's adapter as a PEFT adapter folder (adapter_config.json + safetensors).",
     "slurm": "Render an sbatch script for a config (nodes, GPUs, array of configs or methods) and submit it.",
+    "compare": "Run a comparison study (methods x seeds) and write its tables and plots; or collect finished runs.",
 }
 
 
@@ -50,7 +52,7 @@ class SaveConfigToRunDir(SaveConfigCallback):
         path = run_dir(trainer) / self.config_filename
         exists = trainer.strategy.broadcast(path.is_file() if trainer.is_global_zero else False)
         self.save_config(trainer, pl_module, stage)
-        if exists and slurm.requeued():
+        if exists and (slurm.requeued() or slurm.resumes_in(trainer.ckpt_path, path.parent)):
             self.already_saved = True
             return
         if exists and not self.overwrite:
@@ -84,7 +86,7 @@ class LitPeftCLI(LightningCLI):
             slurm.key_run_folder(self.config["fit"]["trainer"])
 
     def before_fit(self) -> None:
-        slurm.continue_csv_metrics(self.trainer)
+        slurm.continue_csv_metrics(self.trainer, self.config_init["fit"].get("ckpt_path"))
 
     def instantiate_trainer(self, **kwargs):
         # as LightningCLI's, but `method: null` (a plain LightningModule of your own) adds no callback
@@ -126,6 +128,10 @@ def run_extra(command: str, args: list[str]) -> Optional[int]:
         from lit_peft.submit import main as submit
 
         return submit(args)
+    if command == "compare":
+        from lit_peft.compare import main as compare
+
+        return compare(args)
 
     parser = ArgumentParser(prog=f"lit-peft {command}", description=EXTRA[command])
     parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `lit-peft fit`")

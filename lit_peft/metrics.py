@@ -71,6 +71,25 @@ def weight_bytes(module: nn.Module) -> int:
     return total + tensor_bytes(module.buffers())
 
 
+def environment() -> dict[str, Any]:
+    """Package versions and hardware: what a comparison of runs from several machines needs."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name: str) -> Optional[str]:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    env: dict[str, Any] = {name: v(name) for name in ("lit-peft", "torch", "lightning", "transformers", "peft", "bitsandbytes")}
+    env.update(python=platform.python_version(), platform=platform.platform(), cpu_count=os.cpu_count(),
+               cpu=platform.processor() or platform.machine())
+    if torch.cuda.is_available():
+        env.update(gpu=torch.cuda.get_device_name(), gpus=torch.cuda.device_count(), cuda=torch.version.cuda)
+    return env
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """CUDA max allocated on a GPU; the process's peak resident set size on a CPU."""
     if device.type == "cuda":
@@ -197,7 +216,7 @@ class EfficiencyReport(Callback):
             "device": trainer.strategy.root_device.type,
             "precision": str(trainer.precision),
         }
-        figures.update(world_size=trainer.world_size, num_nodes=trainer.num_nodes)
+        figures.update(world_size=trainer.world_size, num_nodes=trainer.num_nodes, environment=environment())
         if self.fit_seconds:
             samples = self.samples
             if trainer.world_size > 1:  # every rank's share of the batches (collective: every rank computes figures)
@@ -237,7 +256,8 @@ class EfficiencyReport(Callback):
 
 
 #: the figures that describe a run rather than measure it: they go to the W&B run's config too
-RUN_FIELDS = ("method", "task", "data", "backbone", "trainable_params", "total_params", "trainable_pct", "device", "precision")
+RUN_FIELDS = ("method", "task", "data", "backbone", "trainable_params", "total_params", "trainable_pct", "device", "precision",
+              "world_size", "num_nodes", "environment")
 
 
 def to_wandb(trainer: Trainer, summary: dict[str, Any]) -> None:

@@ -82,16 +82,25 @@ def key_run_folder(trainer_cfg: Any, key: Optional[str] = None) -> Optional[Path
     return folder
 
 
-def continue_csv_metrics(trainer: Trainer) -> None:
-    """In a requeued job, start each CSV logger's writer on its existing ``metrics.csv`` so the new
-    rows are appended under the old header (Lightning's writer deletes the file when it starts)."""
-    if not requeued() or not trainer.is_global_zero:  # other ranks' loggers write nothing
+def resumes_in(ckpt_path: Optional[str], folder: Path) -> bool:
+    """Whether a fit resumes from a checkpoint inside ``folder``: it continues that run (a requeued
+    job, or an interrupted ``lit-peft compare`` run given its own folder again)."""
+    if not ckpt_path or not os.path.isfile(str(ckpt_path)):
+        return False
+    return Path(folder).resolve() in Path(ckpt_path).resolve().parents
+
+
+def continue_csv_metrics(trainer: Trainer, ckpt_path: Optional[str] = None) -> None:
+    """In a run that continues its folder (a requeued job, or a resume from a checkpoint inside the
+    logger's folder), start each CSV logger's writer on its existing ``metrics.csv`` so the new rows
+    are appended under the old header (Lightning's writer deletes the file when it starts)."""
+    if not trainer.is_global_zero:  # other ranks' loggers write nothing
         return
     for logger in trainer.loggers:
         if not isinstance(logger, CSVLogger) or logger._experiment is not None:
             continue
         path = Path(logger.log_dir) / "metrics.csv"
-        if not path.is_file():
+        if not path.is_file() or not (requeued() or resumes_in(ckpt_path, path.parent)):
             continue
         aside = path.with_name("metrics.csv.requeued")
         path.rename(aside)

@@ -91,8 +91,11 @@ def drop_option(header: list[str], key: str) -> list[str]:
     return [line for line in header if not pattern.match(line)]
 
 
-def render(cfg: argparse.Namespace, fit_args: list[str], tag: Optional[str] = None) -> str:
-    """The sbatch script for these options."""
+def render(cfg: argparse.Namespace, fit_args: list[str], tag: Optional[str] = None,
+           sweep: Optional[list[list[str]]] = None, shared: Optional[list[str]] = None) -> str:
+    """The sbatch script for these options. ``sweep`` (one argument list per array index) and
+    ``shared`` (the arguments before them; by default the ``--config`` files) serve callers such as
+    ``lit-peft compare``, whose runs differ in more than one config or method."""
     if not cfg.config:
         raise ConfigError("give the run's config: lit-peft slurm --config configs/lora_sst2.yaml [...]")
     for path in cfg.config + (cfg.array_configs or []):
@@ -102,8 +105,9 @@ def render(cfg: argparse.Namespace, fit_args: list[str], tag: Optional[str] = No
         raise ConfigError("give --array_configs or --array_methods, not both (one sweep dimension per array job)")
     if cfg.nodes < 1 or cfg.gpus_per_node < 0:
         raise ConfigError("--nodes must be at least 1 and --gpus_per_node at least 0")
-    sweep = ([["--config", c] for c in cfg.array_configs] if cfg.array_configs else
-             [["--method", method_class(m)] for m in cfg.array_methods] if cfg.array_methods else None)
+    if sweep is None:
+        sweep = ([["--config", c] for c in cfg.array_configs] if cfg.array_configs else
+                 [["--method", method_class(m)] for m in cfg.array_methods] if cfg.array_methods else None)
     name = cfg.template or ("array" if sweep else "multinode" if cfg.nodes > 1 else "single")
     path = Path(name) if name.endswith(".sbatch") or os.sep in name else TEMPLATES / f"{name}.sbatch"
     if not path.is_file():
@@ -135,7 +139,9 @@ def render(cfg: argparse.Namespace, fit_args: list[str], tag: Optional[str] = No
         key, _, value = extra.lstrip("-").partition("=")
         header = set_option(header, key, value)
 
-    shared = [a for c in cfg.config for a in ("--config", c)] + list(fit_args)
+    if shared is None:
+        shared = [a for c in cfg.config for a in ("--config", c)]
+    shared = list(shared) + list(fit_args)
     env = cfg.env or sys.prefix
     block = [f"# rendered by lit-peft slurm{f' at {tag}' if tag else ''} from {path}",
              f"cd {shlex.quote(os.getcwd())}",
@@ -165,6 +171,13 @@ def main(argv: list[str]) -> int:
     if cfg.dry_run:
         print(script, end="")
         return 0
+    sbatch(script, cfg, tag)
+    return 0
+
+
+def sbatch(script: str, cfg: argparse.Namespace, tag: Optional[str] = None) -> str:
+    """Save ``script`` under ``cfg.script_dir`` and submit it; returns the job id."""
+    tag = tag or time.strftime("%Y%m%d-%H%M%S")
     if not shutil.which("sbatch"):
         raise ConfigError("sbatch is not on PATH: run this on a Slurm login node, or use --dry_run to see the script")
     folder = Path(cfg.script_dir)
@@ -179,4 +192,4 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"sbatch refused {path}: {done.stderr.strip() or done.stdout.strip()}")
     job = done.stdout.strip().split(";")[0]
     print(f"[lit-peft] submitted job {job}: {path}")
-    return 0
+    return job

@@ -1,0 +1,279 @@
+"""Tables and plots that compare runs: what ``lit-peft compare`` writes.
+
+The input is one record per run (``RunRecord``: the run's name, seed, status, ``summary.json``
+figures, curves from ``metrics.csv``, resolved config, versions, hardware). Out come
+
+- ``results.csv``: one row per run (failed runs with their error);
+- ``results.json``: the records, and per method the statistics;
+- ``results.md``: one row per method: mean ± std over seeds with n, and the difference from the
+  reference method with Welch's t-test over the seeds (``noise``: whether the difference exceeds the
+  seeds' spread at p < 0.05; with one seed a side there is no spread to compare, and it says so);
+- plots (matplotlib, PNG): the task metric against trainable % (log scale, Pareto front marked),
+  training time, peak memory and adapter size per method, and every method's training loss and
+  validation metric against the step on one figure.
+
+Each plot function returns its matplotlib Figure, so tests read the data it drew. Written here:
+no library turns run folders into this table (PEFT keeps scripts and an app of its own for it).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+#: columns of the per-method table: (summary key, heading, format)
+FIGURES = [
+    ("trainable_pct", "trainable %", "{:.3f}"),
+    ("train_time_s", "train time (s)", "{:.1f}"),
+    ("peak_memory_mb", "peak memory (MB)", "{:.0f}"),
+    ("adapter_mb", "adapter (MB)", "{:.3f}"),
+    ("checkpoint_mb", "checkpoint (MB)", "{:.3f}"),
+    ("weights_mb", "weights in memory (MB)", "{:.1f}"),
+]
+LOWER_IS_BETTER = ("loss", "mse", "mae")
+
+
+@dataclass
+class RunRecord:
+    name: str  # the method / run name in the study
+    seed: int
+    status: str  # finished | failed | pending
+    folder: str = ""
+    summary: dict[str, Any] = field(default_factory=dict)
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    error: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+
+
+def higher_is_better(metric: str) -> bool:
+    return not any(word in metric for word in LOWER_IS_BETTER)
+
+
+def read_curves(metrics_csv: Path, keys: tuple[str, ...]) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) pairs per key from a Lightning ``metrics.csv``."""
+    curves: dict[str, list[tuple[int, float]]] = {k: [] for k in keys}
+    if not metrics_csv.is_file():
+        return curves
+    with metrics_csv.open(newline="") as f:
+        for row in csv.DictReader(f):
+            for key in keys:
+                if row.get(key) not in (None, ""):
+                    curves[key].append((int(float(row["step"])), float(row[key])))
+    return curves
+
+
+def mean_std(values: list[float]) -> tuple[float, float, int]:
+    n = len(values)
+    return (statistics.fmean(values) if n else math.nan, statistics.stdev(values) if n > 1 else math.nan, n)
+
+
+def welch(a: list[float], b: list[float]) -> Optional[float]:
+    """Welch's two-sided t-test p-value, or ``None`` where either side has fewer than two values or
+    both have no spread at all."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    if statistics.pvariance(a) == 0 and statistics.pvariance(b) == 0:
+        return 0.0 if statistics.fmean(a) != statistics.fmean(b) else 1.0
+    from scipy.stats import ttest_ind
+
+    return float(ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def method_table(records: list[RunRecord], metric: str, reference: Optional[str]) -> list[dict[str, Any]]:
+    """One row per method (in the study's order): statistics of the finished runs, counts of the rest."""
+    order = list(dict.fromkeys(r.name for r in records))
+    finished = {n: [r for r in records if r.name == n and r.status == "finished"] for n in order}
+    values = {n: [float(r.summary[metric]) for r in finished[n] if metric in r.summary] for n in order}
+    rows = []
+    for name in order:
+        row: dict[str, Any] = {"method": name, "runs": sum(r.name == name for r in records),
+                               "finished": len(finished[name]),
+                               "failed": sum(r.name == name and r.status == "failed" for r in records)}
+        m, s, n = mean_std(values[name])
+        row.update({f"{metric}_mean": m, f"{metric}_std": s, "n": n})
+        for key, _, _ in FIGURES:
+            row[key] = mean_std([float(r.summary[key]) for r in finished[name] if r.summary.get(key) is not None])[0]
+        if reference and name != reference and reference in values:
+            ref = values[reference]
+            row["difference"] = m - mean_std(ref)[0] if values[name] and ref else math.nan
+            p = welch(values[name], ref)
+            row["p_value"] = p
+            row["exceeds_noise"] = None if p is None else bool(p < 0.05)
+        rows.append(row)
+    return rows
+
+
+def fmt(value: Any, pattern: str = "{:.4f}") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return pattern.format(value)
+
+
+def markdown(rows: list[dict[str, Any]], records: list[RunRecord], metric: str, reference: Optional[str],
+             title: str, notes: str = "") -> str:
+    lines = [f"# {title}", ""]
+    if notes:
+        lines += [notes.strip(), ""]
+    head = ["method", f"{metric} (mean ± std, n)"] + ([f"Δ vs {reference}", "beyond seed noise?"] if reference else []) \
+        + [h for _, h, _ in FIGURES] + ["runs"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        score = f"{fmt(row[f'{metric}_mean'])} ± {fmt(row[f'{metric}_std'])} (n={row['n']})"
+        cells = [row["method"], score]
+        if reference:
+            if row["method"] == reference:
+                cells += ["reference", "–"]
+            else:
+                verdict = {True: f"yes (p={fmt(row.get('p_value'), '{:.3f}')})",
+                           False: f"no (p={fmt(row.get('p_value'), '{:.3f}')})",
+                           None: "n/a: needs ≥2 seeds a side"}[row.get("exceeds_noise")]
+                cells += [fmt(row.get("difference"), "{:+.4f}"), verdict]
+        cells += [fmt(row[key], pattern) for key, _, pattern in FIGURES]
+        cells.append(f"{row['finished']}/{row['runs']}" + (f" ({row['failed']} failed)" if row["failed"] else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    failed = [r for r in records if r.status == "failed"]
+    if failed:
+        lines += ["", "Failed runs:", ""]
+        lines += [f"- {r.name} seed {r.seed}: {r.error.strip().splitlines()[-1] if r.error.strip() else 'no message'}"
+                  for r in failed]
+    pending = [r for r in records if r.status == "pending"]
+    if pending:
+        lines += ["", "Not finished yet: " + ", ".join(f"{r.name} seed {r.seed}" for r in pending)]
+    return "\n".join(lines) + "\n"
+
+
+def run_rows(records: list[RunRecord], metric: str) -> tuple[list[str], list[dict[str, Any]]]:
+    keys = [metric] + [k for k, _, _ in FIGURES] + ["samples_per_s", "world_size", "device"]
+    extra = sorted({k for r in records for k, v in r.summary.items()
+                    if k.startswith(("val_", "test_")) and isinstance(v, (int, float)) and k not in keys})
+    header = ["method", "seed", "status"] + keys + extra + ["folder", "error"]
+    rows = []
+    for r in records:
+        row = {"method": r.name, "seed": r.seed, "status": r.status, "folder": r.folder,
+               "error": r.error.strip().splitlines()[-1] if r.error.strip() else ""}
+        row.update({k: r.summary.get(k, "") for k in keys + extra})
+        rows.append(row)
+    return header, rows
+
+
+def write_tables(records: list[RunRecord], out: Path, metric: str, reference: Optional[str], title: str,
+                 notes: str = "") -> list[dict[str, Any]]:
+    """``results.csv``, ``results.json`` and ``results.md`` in ``out``; returns the method rows."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = method_table(records, metric, reference)
+    header, per_run = run_rows(records, metric)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=header)
+    writer.writeheader()
+    writer.writerows(per_run)
+    (out / "results.csv").write_text(buffer.getvalue())
+    (out / "results.json").write_text(json.dumps(
+        {"title": title, "metric": metric, "reference": reference, "methods": rows,
+         "runs": [asdict(r) for r in records]}, indent=1, default=str) + "\n")
+    (out / "results.md").write_text(markdown(rows, records, metric, reference, title, notes))
+    return rows
+
+
+# ---- plots --------------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def pareto_front(points: list[tuple[float, float]], higher: bool) -> list[tuple[float, float]]:
+    """The points no other point beats on both fewer trainable % and a better metric, by x."""
+    front, best = [], -math.inf
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1] if higher else p[1])):
+        score = y if higher else -y
+        if score > best:
+            front.append((x, y))
+            best = score
+    return front
+
+
+def plot_metric_vs_trainable(rows: list[dict[str, Any]], metric: str):
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    points = []
+    for row in rows:
+        x, y, s = row.get("trainable_pct"), row[f"{metric}_mean"], row[f"{metric}_std"]
+        if x is None or math.isnan(x) or math.isnan(y):
+            continue
+        ax.errorbar([x], [y], yerr=[0 if math.isnan(s) else s], fmt="o", capsize=3, label=row["method"])
+        points.append((x, y))
+    front = pareto_front(points, higher_is_better(metric))
+    if front:
+        ax.plot([p[0] for p in front], [p[1] for p in front], "k--", linewidth=1, label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (%)")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_costs(rows: list[dict[str, Any]]):
+    plt = _pyplot()
+    costs = [("train_time_s", "training time (s)"), ("peak_memory_mb", "peak memory (MB)"),
+             ("adapter_mb", "adapter size (MB)"), ("checkpoint_mb", "checkpoint size (MB)")]
+    fig, axes = plt.subplots(1, len(costs), figsize=(4 * len(costs), 4))
+    names = [r["method"] for r in rows]
+    for ax, (key, label) in zip(axes, costs):
+        values = [0.0 if r.get(key) is None or math.isnan(r[key]) else r[key] for r in rows]
+        ax.bar(names, values, color=[f"C{i % 10}" for i in range(len(names))])
+        ax.set_title(label)
+        ax.tick_params(axis="x", rotation=60, labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(records: list[RunRecord], metric: str):
+    """Training loss and the validation metric against the step, one line per method (each method's
+    first finished seed; the table has the spread)."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    shown = set()
+    for i, r in enumerate(rec for rec in records if rec.status == "finished"):
+        if r.name in shown:
+            continue
+        shown.add(r.name)
+        color = f"C{len(shown) % 10}"
+        train = r.curves.get("train_loss_step") or r.curves.get("train_loss_epoch") or r.curves.get("train_loss") or []
+        if train:
+            left.plot(*zip(*train), color=color, label=r.name, linewidth=1)
+        val = r.curves.get(metric) or []
+        if val:
+            right.plot(*zip(*val), "o-", color=color, label=r.name, linewidth=1, markersize=3)
+    left.set_title("training loss")
+    right.set_title(metric)
+    for ax in (left, right):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def write_plots(rows: list[dict[str, Any]], records: list[RunRecord], out: Path, metric: str) -> dict[str, Path]:
+    figures = {"metric_vs_trainable.png": plot_metric_vs_trainable(rows, metric),
+               "costs.png": plot_costs(rows),
+               "curves.png": plot_curves(records, metric)}
+    paths = {}
+    for name, fig in figures.items():
+        fig.savefig(out / name, dpi=110)
+        _pyplot().close(fig)
+        paths[name] = out / name
+    return paths
