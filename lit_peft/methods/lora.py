@@ -123,6 +123,17 @@ class OLoRA(_ConvertedOnExport):
                  bias: str = "none") -> None:
         super().__init__(r=r, alpha=alpha, dropout=dropout, targets=targets, bias=bias)
 
+    def target_modules(self, task, heads: list[str]) -> Optional[list[str]]:
+        from transformers.pytorch_utils import Conv1D
+
+        names = super().target_modules(task, heads)
+        conv = [n for n, m in task.backbone.named_modules() if isinstance(m, Conv1D)
+                and any(n == t or n.endswith("." + t) for t in names or [])]
+        if conv:  # peft's olora_init takes a QR of the stored (in, out) weight as if it were (out, in)
+            raise ConfigError(f"OLoRA's initialisation (peft's) does not handle GPT-2's Conv1D layers ('{conv[0]}'): "
+                              "its QR runs on the transposed weight. Use PiSSA or LoRA on this backbone")
+        return names
+
 
 class _Unlabelled:
     """Re-iterable view of a dataloader without per-sequence class labels (EVA forwards inputs only)."""

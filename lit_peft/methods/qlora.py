@@ -95,7 +95,9 @@ def dequantized_twin(task, method):
     with torch.no_grad():
         for name, module in twin.backbone.named_modules():
             if isinstance(quantized.get(name), bnb.nn.Linear4bit):
-                module.weight.copy_(dequantize_linear4bit(quantized[name]).weight)
+                weight = dequantize_linear4bit(quantized[name]).weight  # (out, in)
+                # GPT-2's Conv1D (quantized into a Linear4bit on load) stores its weight (in, out)
+                module.weight.copy_(weight.T if type(module).__name__ == "Conv1D" else weight)
     twin.load_state_dict({k: v for k, v in task.state_dict().items() if k in task.trained_keys()}, strict=False)
     return twin
 

@@ -34,18 +34,34 @@ from lit_peft.methods.targets import Targets, resolve_targets
 INDEX_BUFFER = "sparse_indices"
 
 
+def is_conv1d(layer: nn.Module) -> bool:
+    """transformers' GPT-2 ``Conv1D``: a linear layer whose weight is stored (in, out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(layer, Conv1D)
+
+
+def features(layer: nn.Module) -> tuple[int, int]:
+    """(out, in) of a linear layer: ``nn.Linear`` (and 4-bit ones) or GPT-2's ``Conv1D``."""
+    if is_conv1d(layer):
+        return layer.nf, layer.weight.shape[0]
+    return layer.out_features, layer.in_features
+
+
 def sparse_size(layer: nn.Module, density: float) -> int:
     """Entries of a layer's weight that train: ceil(density * out * in)."""
-    return max(1, math.ceil(density * layer.out_features * layer.in_features))
+    out_features, in_features = features(layer)
+    return max(1, math.ceil(density * out_features * in_features))
 
 
 class SparseDelta(nn.Module):
-    """A linear layer plus a trained sparse increment: y = base_layer(x) + x S^T."""
+    """A linear layer plus a trained sparse increment: y = base_layer(x) + x S^T. S is (out, in)
+    whatever the layer's own layout (GPT-2's ``Conv1D`` stores its weight (in, out))."""
 
     def __init__(self, base_layer: nn.Module, k: int) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
+        self.out_features, self.in_features = features(base_layer)
         device = next(base_layer.parameters()).device
         self.sparse_values = nn.Parameter(torch.zeros(k, device=device))
         # int32 positions (half the bytes of the default int64) unless the weight has 2**31 entries or more
@@ -77,8 +93,12 @@ class SparseDelta(nn.Module):
         out = base(x, *args, **kwargs)
         return out + F.linear(x.to(self.sparse_values.dtype), self.delta()).to(out.dtype)
 
-    def fold(self) -> nn.Linear:
-        """The wrapped ``nn.Linear`` with S added to its weight."""
+    def fold(self) -> nn.Module:
+        """The wrapped ``nn.Linear`` (or ``Conv1D``) with S added to its weight."""
+        if is_conv1d(self.base_layer):
+            with torch.no_grad():
+                self.base_layer.weight.add_(self.delta().T.to(self.base_layer.weight.dtype))
+            return self.base_layer
         if type(self.base_layer) is not nn.Linear:
             raise TypeError(f"can only fold a sparse increment into nn.Linear, not {type(self.base_layer).__name__}")
         with torch.no_grad():
@@ -91,7 +111,7 @@ def wrap(model: nn.Module, names: list[str], density: float) -> dict[str, Sparse
     wrappers = {}
     for name in names:
         layer = model.get_submodule(name)
-        if not hasattr(layer, "out_features"):
+        if not (hasattr(layer, "out_features") or is_conv1d(layer)):
             raise ConfigError(f"sparse increments need linear layers, but '{name}' is a {type(layer).__name__}")
         wrapper = SparseDelta(layer, sparse_size(layer, density))
         model.set_submodule(name, wrapper)
@@ -111,9 +131,10 @@ def full_names(model: nn.Module, targets: Targets, exclude: tuple[str, ...]) -> 
     suffixes = resolve_targets(model, targets, exclude=exclude)
     matched = [(n, m) for n, m in model.named_modules() if any(n == s or n.endswith("." + s) for s in suffixes)
                and not any(n == e or n.startswith(e + ".") for e in exclude)]
-    other = [f"{n} ({type(m).__name__})" for n, m in matched if not isinstance(m, nn.Linear)]  # bnb 4-bit: nn.Linear
+    other = [f"{n} ({type(m).__name__})" for n, m in matched
+             if not (isinstance(m, nn.Linear) or is_conv1d(m))]  # bnb 4-bit layers are nn.Linear
     if other:
-        raise ConfigError(f"sparse increments wrap torch.nn.Linear layers only; target '{other[0]}' is not one. "
+        raise ConfigError(f"sparse increments wrap linear layers (torch.nn.Linear, GPT-2's Conv1D) only; target '{other[0]}' is not one. "
                           "Name linear layers in targets")
     return [n for n, _ in matched]
 

@@ -1,7 +1,9 @@
 """Which modules an adapter targets: presets resolved per architecture, or an explicit list.
 
 Presets name the attention projections by role, so one YAML works on BERT (``query``/``key``/
-``value``), Llama (``q_proj``/``k_proj``/``v_proj``), DistilBERT (``q_lin``...) and T5 (``q``...):
+``value``), Llama (``q_proj``/``k_proj``/``v_proj``), DistilBERT (``q_lin``...), T5 (``q``...) and
+GPT-2, whose one ``Conv1D`` ``c_attn`` computes query, key and value together (so ``qv`` and ``qkv``
+both adapt it; W_q and W_v alone cannot be told apart there):
 
 - ``qv``: query and value projections (the LoRA paper's choice)
 - ``qkv``: query, key and value projections
@@ -20,9 +22,9 @@ from torch import nn
 from lit_peft.errors import ConfigError
 
 ROLES = {
-    "q": {"query", "q_proj", "q", "q_lin", "Wq"},
-    "k": {"key", "k_proj", "k", "k_lin", "Wk"},
-    "v": {"value", "v_proj", "v", "v_lin", "Wv"},
+    "q": {"query", "q_proj", "q", "q_lin", "Wq", "c_attn"},
+    "k": {"key", "k_proj", "k", "k_lin", "Wk", "c_attn"},
+    "v": {"value", "v_proj", "v", "v_lin", "Wv", "c_attn"},
 }
 PRESETS = {"qv": ("q", "v"), "qkv": ("q", "k", "v"), "all-linear": ()}
 
