@@ -177,7 +177,8 @@ def run_locally(run: Run) -> tuple[bool, float]:
     if state(run) == "interrupted":
         newest = max((run.folder / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
         args += ["--ckpt_path", str(newest)]
-    (run.folder / "failed.json").unlink(missing_ok=True)
+    elif run.folder.exists():  # a failed attempt, or one stopped before its first checkpoint: kept aside
+        run.folder.rename(run.folder.with_name(f"{run.folder.name}.attempt-{time.strftime('%Y%m%d-%H%M%S')}"))
     run.log.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with run.log.open("w") as log:
@@ -213,7 +214,8 @@ def collect(dirs: list[Path], metric: str) -> list[report.RunRecord]:
     for d in dirs:
         if not d.is_dir():
             raise ConfigError(f"--collect folder '{d}' does not exist")
-        folders = sorted({p.parent for pattern in ("summary.json", "failed.json") for p in d.rglob(pattern)})
+        folders = sorted({p.parent for pattern in ("summary.json", "failed.json") for p in d.rglob(pattern)
+                          if ".attempt-" not in p.parent.name})  # attempts set aside by a re-run
         for folder in folders:
             config = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").is_file() else {}
             seed = config.get("seed_everything")

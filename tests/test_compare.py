@@ -115,11 +115,22 @@ def test_rerun_skips_finished_runs_and_a_changed_budget_is_a_new_run(study, tmp_
     again = compare(str(path), "--output_dir", str(out), "--only", "lora", "ia3", cwd=folder)
     assert again.returncode == 0 and "4 finished before, 0 to run" in again.stdout
     assert {p: p.stat().st_mtime for p in out.glob("runs/*/seed*/summary.json")} == stamps
+    before = set((out / "runs" / "lora").glob("seed*"))
     changed = write_study(tmp_path, Path(yaml.safe_load(path.read_text())["base"]),
                           {**BUDGET, "trainer.limit_train_batches": 2}, {"lora": {}})
     done = compare(str(changed), "--output_dir", str(out), "--only", "lora", cwd=tmp_path)
     assert done.returncode == 0 and "0 finished before, 2 to run" in done.stdout
-    assert len(list((out / "runs" / "lora").glob("seed*"))) == 4  # the old runs are kept, not overwritten
+    new = sorted(set((out / "runs" / "lora").glob("seed*")) - before)
+    assert len(new) == 2  # the old runs are kept, not overwritten
+    # a run stopped before its first checkpoint (its folder, no checkpoint, no summary) starts again,
+    # its leftovers moved aside rather than refused or overwritten
+    stopped = new[0]
+    (stopped / "summary.json").unlink()
+    for ckpt in (stopped / "checkpoints").glob("*.ckpt"):
+        ckpt.unlink()
+    done = compare(str(changed), "--output_dir", str(out), "--only", "lora", cwd=tmp_path)
+    assert done.returncode == 0 and "1 finished before, 1 to run" in done.stdout, done.stdout + done.stderr
+    assert (stopped / "summary.json").is_file() and list(stopped.parent.glob(f"{stopped.name}.attempt-*"))
 
 
 def test_no_finished_run_is_an_error(tiny_bert, toy_data, tmp_path) -> None:
@@ -138,3 +149,44 @@ def test_statistics() -> None:
     front = report.pareto_front([(0.1, 0.80), (1.0, 0.85), (0.5, 0.79), (100.0, 0.86), (10.0, 0.84)], higher=True)
     assert front == [(0.1, 0.80), (1.0, 0.85), (100.0, 0.86)]
     assert report.pareto_front([(1.0, 0.5), (2.0, 0.4)], higher=False) == [(1.0, 0.5), (2.0, 0.4)]
+
+
+def test_the_table_and_plots_go_to_wandb(study, tmp_path, monkeypatch) -> None:
+    """With `wandb:` in the study, the same table and plots are logged to a W&B run (offline here,
+    read back from the file W&B writes)."""
+    pytest.importorskip("wandb")
+    from lit_peft import compare as comparing
+    from wandb_records import records
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    folder, path, _ = study
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    data = json.loads((folder / "out" / "results.json").read_text())
+    rows = data["methods"]
+    plots = {name: folder / "out" / name for name in ("metric_vs_trainable.png", "costs.png", "curves.png")}
+    st = comparing.load_study(path)
+    st.wandb = {"project": "toy"}
+    comparing.log_to_wandb(st, rows, plots, tmp_path)
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/*.wandb")
+    logged = {}
+    for raw in records(run_file):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            logged.update({item.key: json.loads(item.value_json) for item in record.history.item})
+    assert logged["results"]["_type"] == "table-file" and logged["results"]["nrows"] == len(rows)
+    assert {logged[k]["_type"] for k in ("metric_vs_trainable", "costs", "curves")} == {"image-file"}
+
+
+def test_slurm_submits_the_unfinished_runs_as_one_array(tiny_bert, toy_data, tmp_path) -> None:
+    base = write_config(tmp_path, tiny_bert, toy_data)
+    path = write_study(tmp_path, base, BUDGET, {"lora": {}, "ia3": RUNS["ia3"]})
+    done = compare(str(path), "--output_dir", str(tmp_path / "out"), "--slurm", "--partition", "cpu", "--dry_run",
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    script = done.stdout
+    assert "#SBATCH --array=0-3" in script and "#SBATCH --partition=cpu" in script
+    cases = [line for line in script.splitlines() if line.strip()[:2] in ("0)", "1)", "2)", "3)")]
+    assert len(cases) == 4 and all("--seed_everything" in c and "--trainer.logger" in c for c in cases)
+    assert "lit_peft.methods.IA3" in cases[2] and "--seed_everything 2" in cases[3]
