@@ -37,6 +37,7 @@ FIGURES = [
     ("weights_mb", "weights in memory (MB)", "{:.1f}"),
 ]
 LOWER_IS_BETTER = ("loss", "mse", "mae")
+MARKERS = ("o", "s", "^", "D")
 
 
 @dataclass
@@ -206,11 +207,14 @@ def plot_metric_vs_trainable(rows: list[dict[str, Any]], metric: str):
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     points = []
-    for row in rows:
+    for i, row in enumerate(rows):
         x, y, s = row.get("trainable_pct"), row[f"{metric}_mean"], row[f"{metric}_std"]
         if x is None or math.isnan(x) or math.isnan(y):
             continue
-        ax.errorbar([x], [y], yerr=[0 if math.isnan(s) else s], fmt="o", capsize=3, label=row["method"])
+        # ten colours, then the next marker: sixteen methods stay apart; each point is named too
+        ax.errorbar([x], [y], yerr=[0 if math.isnan(s) else s], fmt=MARKERS[i // 10 % len(MARKERS)], color=f"C{i % 10}",
+                    capsize=3, label=row["method"])
+        ax.annotate(row["method"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
         points.append((x, y))
     front = pareto_front(points, higher_is_better(metric))
     if front:
@@ -249,13 +253,13 @@ def plot_curves(records: list[RunRecord], metric: str):
         if r.name in shown:
             continue
         shown.add(r.name)
-        color = f"C{len(shown) % 10}"
+        color, style = f"C{(len(shown) - 1) % 10}", ("-", "--", ":", "-.")[(len(shown) - 1) // 10 % 4]
         train = r.curves.get("train_loss_step") or r.curves.get("train_loss_epoch") or r.curves.get("train_loss") or []
         if train:
-            left.plot(*zip(*train), color=color, label=r.name, linewidth=1)
+            left.plot(*zip(*train), style, color=color, label=r.name, linewidth=1)
         val = r.curves.get(metric) or []
         if val:
-            right.plot(*zip(*val), "o-", color=color, label=r.name, linewidth=1, markersize=3)
+            right.plot(*zip(*val), style, marker="o", color=color, label=r.name, linewidth=1, markersize=3)
     left.set_title("training loss")
     right.set_title(metric)
     for ax in (left, right):

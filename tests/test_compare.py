@@ -131,6 +131,14 @@ def test_rerun_skips_finished_runs_and_a_changed_budget_is_a_new_run(study, tmp_
     done = compare(str(changed), "--output_dir", str(out), "--only", "lora", cwd=tmp_path)
     assert done.returncode == 0 and "1 finished before, 1 to run" in done.stdout, done.stdout + done.stderr
     assert (stopped / "summary.json").is_file() and list(stopped.parent.glob(f"{stopped.name}.attempt-*"))
+    # an interrupted run (a checkpoint, no summary) resumes from its checkpoint in its own folder
+    interrupted = new[1]
+    (interrupted / "summary.json").unlink()
+    rows = (interrupted / "metrics.csv").read_text().splitlines()
+    done = compare(str(changed), "--output_dir", str(out), "--only", "lora", cwd=tmp_path)
+    assert done.returncode == 0 and "resuming 1/1: lora" in done.stdout, done.stdout + done.stderr
+    assert (interrupted / "summary.json").is_file()
+    assert (interrupted / "metrics.csv").read_text().splitlines()[1:len(rows)] == rows[1:]  # kept, appended to
 
 
 def test_no_finished_run_is_an_error(tiny_bert, toy_data, tmp_path) -> None:
