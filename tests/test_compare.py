@@ -198,3 +198,16 @@ def test_slurm_submits_the_unfinished_runs_as_one_array(tiny_bert, toy_data, tmp
     cases = [line for line in script.splitlines() if line.strip()[:2] in ("0)", "1)", "2)", "3)")]
     assert len(cases) == 4 and all("--seed_everything" in c and "--trainer.logger" in c for c in cases)
     assert "lit_peft.methods.IA3" in cases[2] and "--seed_everything 2" in cases[3]
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_ready_studies_load(path: Path, monkeypatch) -> None:
+    """Every study in studies/ parses, names configs that exist, and plans one run per (run, seed)."""
+    from lit_peft import compare as comparing
+
+    monkeypatch.chdir(path.parents[1])  # studies name the shared data relative to the repository
+    study = comparing.load_study(path)
+    runs = comparing.plan(study, Path("/tmp/unused"))
+    assert len(runs) == len(study.runs) * len(study.seeds)
+    assert len({r.key for r in runs}) == len(runs)  # every (run, seed) its own folder
