@@ -182,7 +182,12 @@ def test_the_table_and_plots_go_to_wandb(study, tmp_path, monkeypatch) -> None:
         record = pb.Record()
         record.ParseFromString(raw)
         if record.WhichOneof("record_type") == "history":
-            logged.update({item.key: json.loads(item.value_json) for item in record.history.item})
+            for item in record.history.item:  # a logged object arrives flattened: nested_key [name, field]
+                keys = [item.key] if item.key else list(item.nested_key)
+                node = logged
+                for key in keys[:-1]:
+                    node = node.setdefault(key, {})
+                node[keys[-1]] = json.loads(item.value_json)
     assert logged["results"]["_type"] == "table-file" and logged["results"]["nrows"] == len(rows)
     assert {logged[k]["_type"] for k in ("metric_vs_trainable", "costs", "curves")} == {"image-file"}
 
