@@ -53,8 +53,7 @@ class SaveConfigToRunDir(SaveConfigCallback):
         exists = trainer.strategy.broadcast(path.is_file() if trainer.is_global_zero else False)
         self.save_config(trainer, pl_module, stage)
         # trainer.ckpt_path is set only after setup; the parsed config has it already
-        ckpt_path = trainer.ckpt_path or (self.config.get("ckpt_path") if hasattr(self.config, "get") else None)
-        if exists and (slurm.requeued() or slurm.resumes_in(ckpt_path, path.parent)):
+        if exists and slurm.continues(self.config.get("ckpt_path"), path.parent):
             self.already_saved = True
             return
         if exists and not self.overwrite:

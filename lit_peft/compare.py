@@ -217,13 +217,13 @@ def collect(dirs: list[Path], metric: str) -> list[report.RunRecord]:
         folders = sorted({p.parent for pattern in ("summary.json", "failed.json") for p in d.rglob(pattern)
                           if ".attempt-" not in p.parent.name})  # attempts set aside by a re-run
         for folder in folders:
-            config = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").is_file() else {}
-            seed = config.get("seed_everything")
+            rec = record("", 0, folder, metric)  # name and seed from what the folder holds
+            seed = rec.config.get("seed_everything")
             if seed is None and folder.name.startswith("seed"):
                 seed = int(folder.name[4:].split("-")[0])
-            summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() else {}
-            name = folder.parent.name if folder.name.startswith("seed") else summary.get("method", folder.parent.name)
-            records.append(record(name, int(seed if seed is not None else 0), folder, metric))
+            rec.seed = int(seed if seed is not None else 0)
+            rec.name = folder.parent.name if folder.name.startswith("seed") else rec.summary.get("method", folder.parent.name)
+            records.append(rec)
     return records
 
 
@@ -293,14 +293,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    extra: list[str] = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, extra = argv[:at], argv[at + 1:]
+    from lit_peft.submit import split_fit_args
+
+    argv, extra = split_fit_args(argv)
     cfg = parser().parse_args(argv)
     study = load_study(Path(cfg.study)) if cfg.study else None
     if study is None and not cfg.collect:
-        raise ConfigError("give a study file (lit-peft compare studies/sst2_lora_dora.yaml) or --collect DIR")
+        raise ConfigError("give a study file (lit-peft compare studies/sst2_all_methods.yaml) or --collect DIR")
     if study is not None:
         study.extra = extra
         if cfg.only:

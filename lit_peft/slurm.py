@@ -90,6 +90,11 @@ def resumes_in(ckpt_path: Optional[str], folder: Path) -> bool:
     return Path(folder).resolve() in Path(ckpt_path).resolve().parents
 
 
+def continues(ckpt_path: Optional[str], folder: Path) -> bool:
+    """Whether this fit continues the run in ``folder``: a requeued job, or a resume from there."""
+    return requeued() or resumes_in(ckpt_path, folder)
+
+
 def continue_csv_metrics(trainer: Trainer, ckpt_path: Optional[str] = None) -> None:
     """In a run that continues its folder (a requeued job, or a resume from a checkpoint inside the
     logger's folder), start each CSV logger's writer on its existing ``metrics.csv`` so the new rows
@@ -100,7 +105,7 @@ def continue_csv_metrics(trainer: Trainer, ckpt_path: Optional[str] = None) -> N
         if not isinstance(logger, CSVLogger) or logger._experiment is not None:
             continue
         path = Path(logger.log_dir) / "metrics.csv"
-        if not path.is_file() or not (requeued() or resumes_in(ckpt_path, path.parent)):
+        if not path.is_file() or not continues(ckpt_path, path.parent):
             continue
         aside = path.with_name("metrics.csv.requeued")
         path.rename(aside)

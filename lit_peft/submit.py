@@ -160,11 +160,16 @@ def render(cfg: argparse.Namespace, fit_args: list[str], tag: Optional[str] = No
     return "\n".join(lines[:first] + header + body[:at] + block + body[at + 1:]) + "\n"
 
 
+def split_fit_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(this command's arguments, the ``lit-peft fit`` arguments after ``--``)."""
+    if "--" not in argv:
+        return list(argv), []
+    at = argv.index("--")
+    return argv[:at], argv[at + 1:]
+
+
 def main(argv: list[str]) -> int:
-    fit_args: list[str] = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, fit_args = argv[:at], argv[at + 1:]
+    argv, fit_args = split_fit_args(argv)
     cfg = parser().parse_args(argv)
     tag = time.strftime("%Y%m%d-%H%M%S")
     script = render(cfg, fit_args, tag)

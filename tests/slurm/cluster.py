@@ -262,7 +262,6 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
 
     def _remove_network(self) -> None:
         for ns in self.namespaces or [f"lpn{i}" for i in range(1, self.want_nodes + 1)]:
-            run("ip", "netns", "pids", ns, check=False)
             for pid in run("ip", "netns", "pids", ns, check=False).stdout.split():
                 try:
                     os.kill(int(pid), signal.SIGKILL)
