@@ -23,10 +23,13 @@ from lit_peft.tasks import SequenceClassification
 sys.path.insert(0, str(Path(__file__).parent / "methods"))
 from test_methods import CASES  # noqa: E402
 
-STEPS, SIGNAL_AT = 24, 7
+STEPS = 24
 # the method's own state must survive the HPC checkpoint too: AdaLoRA's budget and rank masks,
 # SIFT's chosen entries, GaLore's projectors; LoRA with dropout for the random streams
 PREEMPTED = [c for c in CASES if c.id in ("lora", "adalora", "sift", "galore")]
+# signalled mid-epoch (step 7 of 16), and in the epoch's last step (15), whose checkpoint holds an
+# exhausted train iterator (the resumed run used to repeat epoch 0's order in epoch 1)
+WHEN = [(case, 7) for case in PREEMPTED] + [(PREEMPTED[0], 15)]
 
 
 class SignalAt(Callback):
@@ -73,19 +76,19 @@ def slurm_job(monkeypatch, tmp_path) -> Path:
     return log
 
 
-@pytest.mark.parametrize("case", PREEMPTED, ids=[c.id for c in PREEMPTED])
-def test_requeue_signal_stops_at_a_step_boundary_and_resumes_exactly(case, slurm_job, monkeypatch, tiny_bert, toy_data,
-                                                                     tmp_path) -> None:
+@pytest.mark.parametrize(("case", "signal_at"), WHEN, ids=[f"{c.id}-step{at}" for c, at in WHEN])
+def test_requeue_signal_stops_at_a_step_boundary_and_resumes_exactly(case, signal_at, slurm_job, monkeypatch, tiny_bert,
+                                                                     toy_data, tmp_path) -> None:
     monkeypatch.setenv("SLURM_JOB_ID", "1")  # the reference: a batch job nobody signals
     want = trained(fit(case, tiny_bert, toy_data, tmp_path / "uninterrupted", RequeueAtStepEnd()))
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
 
     root = tmp_path / "job"
     with pytest.raises(SIGTERMException):
-        fit(case, tiny_bert, toy_data, root, RequeueAtStepEnd(), SignalAt(SIGNAL_AT))
+        fit(case, tiny_bert, toy_data, root, RequeueAtStepEnd(), SignalAt(signal_at))
     (hpc,) = root.glob("hpc_ckpt_*.ckpt")
     saved = torch.load(hpc, map_location="cpu", weights_only=False)
-    assert saved["global_step"] == SIGNAL_AT + 1  # the signalled step finished, and nothing after it
+    assert saved["global_step"] == signal_at + 1  # the signalled step finished, and nothing after it
     assert slurm_job.read_text().split() == ["requeue", "4242"]
 
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the requeued job: Lightning resumes from the HPC checkpoint

@@ -219,8 +219,18 @@ class SplitDataModule(LightningDataModule):
         return (t.world_size, t.global_rank) if t is not None else (1, 0)
 
     def _epoch(self) -> int:
-        # the value Lightning gives set_epoch, read when the permutation is drawn
-        return self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
+        """The epoch a permutation is drawn for: training batches run so far over batches an epoch.
+        Not Lightning's epoch count (the value it gives ``set_epoch``): resumed from a checkpoint
+        written at an epoch's last batch, Lightning runs the next epoch still counted as the saved
+        one, then skips a number, so that epoch would have repeated the saved epoch's order."""
+        t = self.trainer
+        if t is None:
+            return 0
+        world, _ = self._replicas()
+        per_epoch = math.ceil(math.ceil(len(self.datasets["train"]) / world) / self.cfg.batch_size)
+        limit = t.limit_train_batches  # as Lightning applies it (its num_training_batches is unset here on a resume)
+        per_epoch = min(per_epoch, limit) if isinstance(limit, int) else int(per_epoch * limit)
+        return t.fit_loop.epoch_loop.batch_progress.total.ready // max(per_epoch, 1)
 
     def train_dataloader(self):
         return self._loader("train", train=True)

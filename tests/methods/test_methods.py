@@ -35,7 +35,7 @@ EMBEDDINGS = VOCAB * H + POSITIONS * H + 2 * H + 2 * H
 POOLER = H * H + H
 TOTAL = EMBEDDINGS + LAYERS * LAYER + POOLER + HEAD
 R = 4
-EPOCHS, MID = 3, 24  # 256 rows in batches of 16: 16 steps an epoch; step 24 is mid-way through epoch 2
+EPOCHS, MID, STEPS_PER_EPOCH = 3, 24, 16  # 256 rows in batches of 16; step 24 is mid-way through epoch 2
 QV = 2 * LAYERS  # adapted modules with targets=qv
 B = 8  # Houlsby bottleneck
 NORMS = (2 * LAYERS + 1) * 2 * H  # every LayerNorm's weight and bias (two per block, one in the embeddings)
@@ -148,8 +148,9 @@ _RUNS: dict[str, Run] = {}
 
 
 def trained(case: Case, tiny_bert: str, toy_data: Path, tmp_path_factory) -> Run:
-    """Fit 3 epochs of 16 steps, keeping Lightning's end-of-epoch checkpoints and one mid-epoch
-    (step 24, half-way through the second epoch)."""
+    """Fit 3 epochs of 16 steps, keeping Lightning's end-of-epoch checkpoints, one mid-epoch
+    (step 24, half-way through the second epoch) and one saved at the end of the first epoch's last
+    batch (step 16: what a step-count checkpoint or a preemption there writes, before the epoch ends)."""
     if case.id not in _RUNS:
         folder = tmp_path_factory.mktemp(f"run-{case.id}")
         task, data = make_task(tiny_bert, case), make_data(toy_data)
@@ -157,11 +158,14 @@ def trained(case: Case, tiny_bert: str, toy_data: Path, tmp_path_factory) -> Run
         method.attach(task)
         before = val_loss(task, data)
         checkpoints = [ModelCheckpoint(dirpath=folder, filename="{step}", every_n_train_steps=MID, save_top_k=-1),
+                       ModelCheckpoint(dirpath=folder, filename="last-batch-{step}", every_n_train_steps=STEPS_PER_EPOCH,
+                                       save_top_k=-1),
                        ModelCheckpoint(dirpath=folder, filename="{epoch}", save_top_k=-1)]
         quiet_trainer(max_epochs=EPOCHS, callbacks=[method, *checkpoints], enable_checkpointing=True).fit(
             task, datamodule=data)
         after = val_loss(task, data)
         ckpts = {"mid_epoch": folder / f"step={MID}.ckpt", "end_of_epoch": folder / "epoch=0.ckpt",
+                 "last_batch": folder / f"last-batch-step={STEPS_PER_EPOCH}.ckpt",
                  "last": folder / f"epoch={EPOCHS - 1}.ckpt"}
         _RUNS[case.id] = Run(task, data, ckpts, before, after)
     return _RUNS[case.id]
@@ -188,7 +192,7 @@ def test_checkpoint_holds_only_what_trained(case: Case, tiny_bert, toy_data, tmp
     assert ckpt["lit_peft"]["method"]["class_path"].startswith("lit_peft.methods.")
 
 
-@pytest.mark.parametrize("when", ["mid_epoch", "end_of_epoch"])
+@pytest.mark.parametrize("when", ["mid_epoch", "last_batch", "end_of_epoch"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_resume_is_exact(case: Case, when: str, tiny_bert, toy_data, tmp_path_factory) -> None:
     run = trained(case, tiny_bert, toy_data, tmp_path_factory)
