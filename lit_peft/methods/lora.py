@@ -123,16 +123,51 @@ class OLoRA(_ConvertedOnExport):
                  bias: str = "none") -> None:
         super().__init__(r=r, alpha=alpha, dropout=dropout, targets=targets, bias=bias)
 
-    def target_modules(self, task, heads: list[str]) -> Optional[list[str]]:
-        from transformers.pytorch_utils import Conv1D
+    def peft_config(self, task, target_modules: Optional[list[str]]) -> Any:
+        config = super().peft_config(task, target_modules)
+        if _conv1d_targets(task, target_modules):
+            config.init_lora_weights = True  # initialize() does OLoRA's QR, the right way round for Conv1D
+        return config
 
-        names = super().target_modules(task, heads)
-        conv = [n for n, m in task.backbone.named_modules() if isinstance(m, Conv1D)
-                and any(n == t or n.endswith("." + t) for t in names or [])]
-        if conv:  # peft's olora_init takes a QR of the stored (in, out) weight as if it were (out, in)
-            raise ConfigError(f"OLoRA's initialisation (peft's) does not handle GPT-2's Conv1D layers ('{conv[0]}'): "
-                              "its QR runs on the transposed weight. Use PiSSA or LoRA on this backbone")
-        return names
+    def initialize(self, task, trainer: Optional[Trainer]) -> None:
+        """peft's ``olora_init`` takes the QR of the stored weight as if it were (out, in); GPT-2's
+        ``Conv1D`` stores (in, out), so peft's A and B would not even have the layer's shapes
+        (fused ``c_attn``) and the base would lose the transpose of what the adapter adds. Where a
+        target is a Conv1D, every target is initialized here: Linear layers by peft's own
+        ``olora_init``, Conv1D layers by the same QR of the (out, in) weight."""
+        if task.backbone.peft_config["default"].init_lora_weights != "olora":
+            from peft.tuners.lora import LoraLayer
+            from transformers.pytorch_utils import Conv1D
+
+            for layer in task.backbone.modules():
+                if isinstance(layer, LoraLayer) and "default" in layer.lora_A:
+                    if isinstance(layer.get_base_layer(), Conv1D):
+                        _olora_conv1d(layer, "default")
+                    else:
+                        layer.olora_init("default")
+        super().initialize(task, trainer)
+
+
+def _conv1d_targets(task, names: Optional[list[str]]) -> list[str]:
+    from transformers.pytorch_utils import Conv1D
+
+    return [n for n, m in task.backbone.named_modules() if isinstance(m, Conv1D)
+            and any(n == t or n.endswith("." + t) for t in names or [])]
+
+
+def _olora_conv1d(layer, adapter: str) -> None:
+    """OLoRA's initialization for a Conv1D (weight stored (in, out)): W = QR, A = R[:r], B = Q[:, :r],
+    and the frozen base keeps W - scale B A."""
+    import torch
+
+    base = layer.get_base_layer()
+    weight = base.weight.data.T.to(torch.float32)  # (out, in)
+    q, r_mat = torch.linalg.qr(weight)
+    rank, scale = layer.r[adapter], layer.scaling[adapter]
+    a, b = r_mat[:rank].contiguous(), q[:, :rank].contiguous()
+    layer.lora_A[adapter].weight.data = a.to(layer.lora_A[adapter].weight.dtype)
+    layer.lora_B[adapter].weight.data = b.to(layer.lora_B[adapter].weight.dtype)
+    base.weight.data = (weight - scale * b @ a).T.contiguous().to(base.weight.dtype)
 
 
 class _Unlabelled:

@@ -15,7 +15,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftest import quiet_trainer
 from lit_peft import methods
-from lit_peft.errors import ConfigError
 from lit_peft.export import load_checkpoint, merge_checkpoint
 from test_methods import Case, logits, make_data, make_task, trainable, val_loss
 
@@ -42,6 +41,7 @@ CASES = [
     Case("dora", lambda: methods.DoRA(r=R, alpha=8), HEAD + LORA + LAYERS * 3 * H),
     Case("rslora", lambda: methods.RsLoRA(r=R, alpha=8), HEAD + LORA),
     Case("pissa", lambda: methods.PiSSA(r=R, alpha=R), HEAD + LORA),
+    Case("olora", lambda: methods.OLoRA(r=R, alpha=8), HEAD + LORA),
     Case("eva", lambda: methods.EVA(r=R, alpha=8, rho=1.0), HEAD + LORA),
     Case("adalora", lambda: methods.AdaLoRA(init_r=R, target_r=2, alpha=8, tinit=8, tfinal=8, delta_t=2),
          HEAD + LORA + LAYERS * R),
@@ -97,7 +97,46 @@ def test_method_on_gpt2(case: Case, tiny_gpt2, toy_data, tmp_path) -> None:
         assert (expected - logits(merged, data)).abs().max() < 1e-4
 
 
-def test_olora_on_conv1d_says_why_not(tiny_gpt2, toy_data) -> None:
-    task = make_task(tiny_gpt2, CASES[0])
-    with pytest.raises(ConfigError, match="OLoRA.*Conv1D"):
-        methods.OLoRA(r=R).attach(task)
+def test_olora_on_conv1d_starts_from_the_qr_of_the_out_in_weight(tiny_gpt2, toy_data) -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    from lit_peft.data import SST2Data
+
+    task, data = make_task(tiny_gpt2, CASES[0]), SST2Data(data_dir=str(toy_data), max_length=16, tokenizer=tiny_gpt2)
+    task.configure_backbone()
+    data.setup("fit")
+    stored = {n: m.weight.detach().clone() for n, m in task.backbone.named_modules()
+              if isinstance(m, Conv1D) and n.endswith("c_attn")}
+    before = logits(task.backbone.eval(), data)
+    methods.OLoRA(r=R, alpha=8).attach(task)
+    layers = {n.removeprefix("base_model.model."): m for n, m in task.backbone.named_modules()
+              if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert set(layers) == set(stored)
+    for name, layer in layers.items():
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        assert a.shape == (R, H) and b.shape == (3 * H, R)  # peft's own init would give R x 3H here
+        torch.testing.assert_close(b.T @ b, torch.eye(R), atol=1e-5, rtol=0)  # Q's columns
+        torch.testing.assert_close(a, a.triu(), atol=0, rtol=0)  # R's rows
+        q, r_mat = torch.linalg.qr(stored[name].T)  # the (out, in) weight
+        torch.testing.assert_close(b.abs(), q[:, :R].abs(), atol=1e-5, rtol=0)
+        # the base keeps W - scale B A, so the adapted layer starts as the original one
+        torch.testing.assert_close(layer.get_base_layer().weight.T + layer.scaling["default"] * b @ a, stored[name].T,
+                                   atol=1e-5, rtol=0)
+    assert (before - logits(task.backbone.eval(), data)).abs().max() < 1e-4
+
+
+def test_olora_on_gpt2_exports_a_lora_for_the_original_weights(tiny_gpt2, toy_data, tmp_path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from lit_peft.export import export_checkpoint
+
+    case = next(c for c in CASES if c.id == "olora")
+    task, data, method = make_task(tiny_gpt2, case), make_data(toy_data), case.make()
+    quiet_trainer(max_epochs=1, callbacks=[method, ModelCheckpoint(dirpath=tmp_path, filename="last")],
+                  enable_checkpointing=True).fit(task, datamodule=data)
+    expected = logits(load_checkpoint(tmp_path / "last.ckpt").backbone, data)
+    export_checkpoint(tmp_path / "last.ckpt", tmp_path / "adapter")
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_gpt2)
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    assert (expected - logits(loaded, data)).abs().max() < 1e-4
