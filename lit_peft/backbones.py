@@ -145,9 +145,32 @@ def load_model(name: str, auto_class: Any, dtype: str = "float32", **kwargs: Any
     """``auto_class.from_pretrained`` on a resolved backbone name, with a clear error on failure."""
     source = resolve(name)
     try:
-        return auto_class.from_pretrained(source, dtype=torch_dtype(dtype), **kwargs)
+        model, info = auto_class.from_pretrained(source, dtype=torch_dtype(dtype), output_loading_info=True, **kwargs)
     except OSError as err:
         raise ConfigError(
             f"could not load backbone '{name}' ({err}). Give a local folder, a reachable hub id, "
             f"or one of the packaged backbones {sorted(PACKAGED)}"
         ) from err
+    report_loading(name, type(model).__name__, info)
+    return model
+
+
+def report_loading(name: str, model_class: str, info: dict[str, Any]) -> None:
+    """One line for what transformers' load report tables: the weights the checkpoint lacks start
+    at random (a task head: expected, it trains); weights the checkpoint holds that the model does
+    not use, or of another shape, are a warning."""
+    def listing(keys: list) -> str:
+        keys = [k if isinstance(k, str) else k[0] for k in keys]
+        return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if info.get("missing_keys") and rank_zero_only.rank == 0:
+        print(f"[lit-peft] {model_class} from {name}: new, trained from scratch: {listing(sorted(info['missing_keys']))}")
+    unused, mismatched = sorted(info.get("unexpected_keys") or []), info.get("mismatched_keys") or []
+    if unused or mismatched:
+        import warnings
+
+        problem = "; ".join(p for p in (unused and f"{len(unused)} weights the model does not use ({listing(unused)})",
+                                        mismatched and f"{len(mismatched)} of another shape ({listing(mismatched)})") if p)
+        warnings.warn(f"backbone '{name}' ({model_class}): the checkpoint has {problem}", stacklevel=2)

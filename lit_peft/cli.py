@@ -18,6 +18,7 @@ requeue on SIGUSR1 is taken at a step boundary (``lit_peft.preemption``). Bad in
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -25,7 +26,8 @@ from typing import Optional
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from lit_peft import slurm
+from lit_peft import __version__, quiet, slurm
+from lit_peft.cli_errors import short_message
 from lit_peft.errors import ConfigError
 from lit_peft.metrics import EfficiencyReport, run_dir
 from lit_peft.predictions import PredictionWriter
@@ -82,6 +84,18 @@ class LitPeftCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "predictions")
 
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        from jsonargparse import ArgumentError
+
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            argv = list(args if args is not None else sys.argv[1:])
+            command = next((a for a in argv if a in self.subcommands()), "fit")
+            sub = getattr(self, "_subcommand_parsers", {}).get(command)
+            keys = [a.dest for a in sub._actions] if sub is not None else []
+            raise ConfigError(short_message(str(err), keys, command, argv)) from err
+
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit":  # in a Slurm batch job: the job's own run folder
             slurm.key_run_folder(self.config["fit"]["trainer"])
@@ -105,6 +119,9 @@ def trainer_defaults() -> dict:
 
 
 def run_lightning(args: Optional[list[str]] = None) -> None:
+    from jsonargparse import set_parsing_settings
+
+    set_parsing_settings(add_print_completion_argument=True)  # --print_completion {bash,zsh,tcsh} (shtab)
     LitPeftCLI(
         LightningModule,
         LightningDataModule,
@@ -114,7 +131,7 @@ def run_lightning(args: Optional[list[str]] = None) -> None:
         save_config_callback=SaveConfigToRunDir,
         seed_everything_default=42,
         trainer_defaults=trainer_defaults(),
-        parser_kwargs={"description": "Parameter-efficient fine-tuning with PyTorch Lightning. Also: "
+        parser_kwargs={"exit_on_error": False, "description": "Parameter-efficient fine-tuning with PyTorch Lightning. Also: "
                                       + "; ".join(f"`lit-peft {k}`: {v}" for k, v in EXTRA.items())},
         args=args,
     )
@@ -147,15 +164,26 @@ def run_extra(command: str, args: list[str]) -> Optional[int]:
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    argv = list(sys.argv[1:] if args is None else args)
+    """``lit-peft``: from the shell (``args`` None: LightningCLI reads ``sys.argv``) or from Python.
+    ``--debug`` or ``LIT_PEFT_DEBUG=1`` shows the full traceback of an input error."""
+    quiet.install()
+    from_shell = args is None
+    argv = list(sys.argv[1:] if from_shell else args)
+    debug = "--debug" in argv or os.environ.get("LIT_PEFT_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    if from_shell:
+        sys.argv[1:] = argv
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"lit-peft {__version__}")
+        return
     try:
         if argv and argv[0] in EXTRA:
             run_extra(argv[0], argv[1:])
         else:
-            run_lightning(argv)
+            run_lightning(None if from_shell else argv)
     except Exception as err:  # noqa: BLE001 - bad input may arrive wrapped by jsonargparse or Lightning
         cause = config_error(err)
-        if cause is None:
+        if cause is None or debug:
             raise
         print(f"lit-peft: error: {cause}", file=sys.stderr)
         sys.exit(2)
