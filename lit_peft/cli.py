@@ -97,6 +97,7 @@ class LitPeftCLI(LightningCLI):
             raise ConfigError(short_message(str(err), keys, command, argv)) from err
 
     def before_instantiate_classes(self) -> None:
+        runs_under_root((self.config[self.subcommand] if self.subcommand else self.config)["trainer"])
         if self.subcommand == "fit":  # in a Slurm batch job: the job's own run folder
             slurm.key_run_folder(self.config["fit"]["trainer"])
 
@@ -111,9 +112,25 @@ class LitPeftCLI(LightningCLI):
         return self._instantiate_trainer({**self._get(self.config_init, "trainer", default={}), **kwargs}, extra)
 
 
+ROOT = "{default_root_dir}"  # a logger's save_dir that stands for trainer.default_root_dir
+
+
+def runs_under_root(trainer_cfg) -> None:
+    """Loggers whose ``save_dir`` is ``{default_root_dir}`` (the default; the configs leave
+    ``save_dir`` out) write under ``trainer.default_root_dir`` (``runs`` unless set), so
+    ``--trainer.default_root_dir DIR`` moves the run."""
+    loggers = trainer_cfg.get("logger")
+    for spec in loggers if isinstance(loggers, (list, tuple)) else [loggers]:
+        args = spec.get("init_args") if hasattr(spec, "get") else None
+        if args is not None and args.get("save_dir") == ROOT:
+            args["save_dir"] = trainer_cfg.get("default_root_dir") or "."
+
+
 def trainer_defaults() -> dict:
     return {
-        "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "lit-peft"}},
+        # every logger's save_dir, unless the config gives one, is default_root_dir (runs_under_root)
+        "default_root_dir": "runs",
+        "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": ROOT, "name": "lit-peft"}},
         "deterministic": "warn",
     }
 

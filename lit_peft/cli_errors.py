@@ -138,8 +138,13 @@ def short_message(text: str, keys: Iterable[str] = (), command: str = "fit", arg
 
     m = re.search(r"the following arguments are required: (.*)", text)
     if m:
-        return (f"no {' and '.join(k.split('.')[-1] for k in m.group(1).split(', '))} given: pass --config "
-                f"CONFIG.yaml (ready ones in configs/) {help_hint}")
+        missing = [k.split(".", 1)[-1] for k in m.group(1).split(", ")]
+        if set(missing) <= {"model", "data"}:
+            return f"no {' and '.join(missing)} given: pass --config CONFIG.yaml (ready ones in configs/) {help_hint}"
+        return f"missing required option {', '.join(missing)} {help_hint}"
+    m = re.search(r'Key "([^"]+)" is required', text)
+    if m:
+        return f"missing required option {m.group(1)} {help_hint}"
 
     m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", text)
     if m:

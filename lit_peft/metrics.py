@@ -106,13 +106,39 @@ def run_dir(trainer: Trainer) -> Path:
     it is ``save_dir/name/version``, the parent of the checkpoints folder Lightning picks. Every
     rank must call this (it broadcasts rank 0's answer)."""
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from lightning.pytorch.loggers.logger import DummyLogger
 
-    loggers = trainer.loggers
+    loggers = [lg for lg in trainer.loggers if not isinstance(lg, DummyLogger)]
+    if not loggers:
+        return unlogged_run_dir(trainer)
     if loggers and not isinstance(loggers[0], (CSVLogger, TensorBoardLogger)):
         first = loggers[0]
         folder = Path(first.save_dir or trainer.default_root_dir) / str(first.name) / str(first.version)
         return Path(trainer.strategy.broadcast(str(folder)))
     return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def unlogged_run_dir(trainer: Trainer) -> Path:
+    """The run folder of a run with no logger (``logger: false``, ``fast_dev_run``):
+    ``<default_root_dir>/lit-peft/version_<N>``, the first free N, chosen once by rank 0, so no run
+    writes over another's files. The trainer's root becomes that folder, so checkpoints go there
+    too. In a Slurm batch job the root is the job's own folder already (``slurm.key_run_folder``)."""
+    from lit_peft import slurm
+
+    folder = getattr(trainer, "_lit_peft_run_dir", None)
+    if folder is None:
+        root = Path(trainer.default_root_dir)
+        if slurm.job_key() is not None:
+            folder = root
+        else:
+            if trainer.is_global_zero:
+                taken = {p.name for p in (root / "lit-peft").glob("version_*")}
+                folder = root / "lit-peft" / f"version_{next(n for n in range(len(taken) + 1) if f'version_{n}' not in taken)}"
+                folder.mkdir(parents=True)
+            folder = Path(trainer.strategy.broadcast(str(folder)))
+            trainer._default_root_dir = str(folder)
+        trainer._lit_peft_run_dir = folder
+    return folder
 
 
 class EfficiencyReport(Callback):
