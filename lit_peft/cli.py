@@ -26,7 +26,7 @@ from typing import Optional
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from lit_peft import __version__, quiet, slurm
+from lit_peft import __version__, checkpoints, quiet, slurm
 from lit_peft.cli_errors import short_message
 from lit_peft.errors import ConfigError
 from lit_peft.metrics import EfficiencyReport, run_dir
@@ -94,7 +94,12 @@ class LitPeftCLI(LightningCLI):
             command = next((a for a in argv if a in self.subcommands()), "fit")
             sub = getattr(self, "_subcommand_parsers", {}).get(command)
             keys = [a.dest for a in sub._actions] if sub is not None else []
-            raise ConfigError(short_message(str(err), keys, command, argv)) from err
+            raise ConfigError(short_message(str(err), keys, command, argv, EXTRA)) from err
+        config = self.config[self.config["subcommand"]] if self.config.get("subcommand") else self.config
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and str(ckpt_path) not in checkpoints.LIGHTNING_WORDS:
+            # missing, truncated, foreign: one message before LightningCLI itself loads it
+            checkpoints.read(ckpt_path, "--ckpt_path")
 
     def before_instantiate_classes(self) -> None:
         runs_under_root((self.config[self.subcommand] if self.subcommand else self.config)["trainer"])

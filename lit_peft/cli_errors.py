@@ -93,9 +93,10 @@ def config_paths(args: Iterable[str]) -> list[str]:
     return found
 
 
-def short_message(text: str, keys: Iterable[str] = (), command: str = "fit", args: Iterable[str] = ()) -> str:
+def short_message(text: str, keys: Iterable[str] = (), command: str = "fit", args: Iterable[str] = (),
+                  commands: Iterable[str] = ()) -> str:
     """One message for jsonargparse's error ``text``; ``keys`` are the subcommand's accepted options,
-    ``args`` the command line (for the config files it names)."""
+    ``args`` the command line (for the config files it names), ``commands`` those beyond LightningCLI's."""
     help_hint = f"(see: lit-peft {command} --help)"
     key_m = re.match(r'Parser key "([^"]+)":', text)
     key = key_m.group(1) if key_m else None
@@ -148,8 +149,9 @@ def short_message(text: str, keys: Iterable[str] = (), command: str = "fit", arg
 
     m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", text)
     if m:
-        choices = re.findall(r"'([^']+)'", m.group(2))
-        return f"unknown command '{m.group(1)}'{did_you_mean(m.group(1), choices)} (commands: {', '.join(choices)})"
+        choices = re.findall(r"'([^']+)'", m.group(2)) + list(commands)
+        return (f"unknown command '{m.group(1)}'{did_you_mean(m.group(1), choices)} (commands: {', '.join(choices)}; "
+                "see: lit-peft --help)")
 
     if key:
         return f"{key}: {_expected(text, text)} {help_hint}"

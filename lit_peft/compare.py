@@ -17,7 +17,8 @@ the reference method and its budget (overrides every run gets)::
 Each (run, seed) is one ``lit-peft fit`` in ``<out>/runs/<run>/seed<S>-<key>/``, where ``key`` hashes
 the configs' contents, the overrides and the seed: a changed config is a new folder, never mixed
 with the old one. Re-running the study skips finished runs (``summary.json`` from fit), resumes
-interrupted ones from their newest checkpoint, and retries failed ones. ``--slurm`` submits the
+interrupted ones from their newest checkpoint, and retries failed ones. A ``test_`` metric
+(``test_exact_match``) runs ``lit-peft test`` on each fit's checkpoint into the same folder. ``--slurm`` submits the
 runs as one array job through ``lit-peft slurm`` instead; ``--collect DIR...`` builds the tables
 from finished run folders (the study's, or any lit-peft run folders). Tables and plots come from
 ``lit_peft.report``; a run that failed is in them with its error, and a study with no finished run
@@ -55,6 +56,8 @@ class Run:
     key: str = ""
     folder: Path = Path()
     log: Path = Path()
+    #: the metric is a test one (test_exact_match): the fit is followed by ``lit-peft test`` on its checkpoint
+    test: bool = False
 
 
 @dataclass
@@ -139,7 +142,7 @@ def plan(study: Study, out: Path) -> list[Run]:
             args = study.budget + spec["args"] + study.extra
             digest = hashlib.sha1(json.dumps({"configs": [Path(c).read_text() for c in configs], "args": args,
                                               "seed": seed}).encode()).hexdigest()[:8]
-            run = Run(name, seed, configs, args, key=digest)
+            run = Run(name, seed, configs, args, key=digest, test=study.metric.startswith("test_"))
             run.folder = out / "runs" / name / f"seed{seed}-{digest}"
             run.log = out / "logs" / f"{name}-seed{seed}-{digest}.log"
             runs.append(run)
@@ -155,8 +158,9 @@ def fit_args(run: Run) -> list[str]:
 
 def state(run: Run) -> str:
     summary = run.folder / "summary.json"
-    if summary.is_file() and "fit" in json.loads(summary.read_text()).get("stages", []):
-        return "finished"
+    stages = json.loads(summary.read_text()).get("stages", []) if summary.is_file() else []
+    if "fit" in stages:
+        return "finished" if "test" in stages or not run.test else "untested"
     if (run.folder / "failed.json").is_file():
         return "failed"
     return "interrupted" if list((run.folder / "checkpoints").glob("*.ckpt")) else "new"
@@ -172,26 +176,40 @@ def error_message(stderr: str) -> str:
 
 
 def run_locally(run: Run) -> tuple[bool, float]:
-    """One ``lit-peft fit``, resumed from its newest checkpoint if it was interrupted."""
+    """One ``lit-peft fit``, resumed from its newest checkpoint if it was interrupted; then, for a
+    test metric, ``lit-peft test`` on the fit's checkpoint, into the same run folder."""
+    start = time.time()
+    ok = state(run) == "untested" or _fit(run)
+    if ok and run.test:
+        newest = max((run.folder / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        ok = _call(run, "test", ["--config", str(run.folder / "config.yaml"), "--ckpt_path", str(newest)], "a")
+    return ok, time.time() - start
+
+
+def _fit(run: Run) -> bool:
     args = fit_args(run)
     if state(run) == "interrupted":
         newest = max((run.folder / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
         args += ["--ckpt_path", str(newest)]
     elif run.folder.exists():  # a failed attempt, or one stopped before its first checkpoint: kept aside
         run.folder.rename(run.folder.with_name(f"{run.folder.name}.attempt-{time.strftime('%Y%m%d-%H%M%S')}"))
+    return _call(run, "fit", args, "w")
+
+
+def _call(run: Run, command: str, args: list[str], mode: str) -> bool:
+    """``lit-peft COMMAND ARGS`` with its output in the run's log; a failure leaves failed.json."""
     run.log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    with run.log.open("w") as log:
-        log.write("$ lit-peft fit " + shlex.join(args) + "\n")
+    with run.log.open(mode) as log:
+        log.write(f"$ lit-peft {command} " + shlex.join(args) + "\n")
         log.flush()
-        done = subprocess.run([sys.executable, "-m", "lit_peft.cli", "fit", *args], stdout=log,
+        done = subprocess.run([sys.executable, "-m", "lit_peft.cli", command, *args], stdout=log,
                               stderr=subprocess.PIPE, text=True)
         log.write(done.stderr)
     if done.returncode != 0:
         run.folder.mkdir(parents=True, exist_ok=True)
         (run.folder / "failed.json").write_text(json.dumps(
             {"returncode": done.returncode, "error": error_message(done.stderr), "log": str(run.log)}, indent=1) + "\n")
-    return done.returncode == 0, time.time() - start
+    return done.returncode == 0
 
 
 def record(name: str, seed: int, folder: Path, metric: str) -> report.RunRecord:
@@ -239,7 +257,7 @@ def run_study(study: Study, out: Path) -> list[report.RunRecord]:
     durations: list[float] = []
     for i, run in enumerate(todo, 1):
         eta = f", ETA {seconds(sum(durations) / len(durations) * (len(todo) - i + 1))}" if durations else ""
-        how = "resuming" if state(run) == "interrupted" else "running"
+        how = {"interrupted": "resuming", "untested": "testing"}.get(state(run), "running")
         print(f"[lit-peft compare] {how} {i}/{len(todo)}: {run.name} seed {run.seed}{eta}", flush=True)
         ok, took = run_locally(run)
         durations.append(took)

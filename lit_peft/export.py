@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from lit_peft import checkpoints
 from lit_peft.backbones import torch_dtype
 from lit_peft.errors import ConfigError
 from lit_peft.tasks.base import PeftTask, build
@@ -24,13 +25,8 @@ from lit_peft.tasks.base import PeftTask, build
 
 def load_checkpoint(ckpt_path: str | Path) -> PeftTask:
     """Rebuild the task and method a checkpoint was trained with, and load its trained state."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint '{path}' does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    meta = ckpt.get("lit_peft")
-    if meta is None:
-        raise ConfigError(f"'{path}' was not written by lit-peft (it has no 'lit_peft' entry)")
+    ckpt = checkpoints.read(ckpt_path)
+    meta = ckpt["lit_peft"]
     task: PeftTask = build(meta["task"])
     method = build(meta["method"]) if meta.get("method") else None
     if method is not None:

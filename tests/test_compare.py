@@ -4,6 +4,7 @@ budget is a new run, `--collect` rebuilds the same table, and the plots draw one
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import statistics
@@ -216,3 +217,20 @@ def test_ready_studies_load(path: Path, monkeypatch) -> None:
     runs = comparing.plan(study, Path("/tmp/unused"))
     assert len(runs) == len(study.runs) * len(study.seeds)
     assert len({r.key for r in runs}) == len(runs)  # every (run, seed) its own folder
+
+
+def test_a_test_metric_tests_each_fit_into_its_folder(tiny_bert, toy_data, tmp_path) -> None:
+    base = write_config(tmp_path, tiny_bert, toy_data)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({"title": "scored on test", "base": str(base), "metric": "test_acc", "reference": "lora",
+                                    "seeds": [1], "budget": BUDGET, "runs": {"lora": {}}}))
+    done = compare(str(path), "--output_dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (summary,) = summaries(tmp_path / "out", "lora")
+    assert summary["stages"] == ["fit", "test"] and "test_acc" in summary
+    row = next(csv.DictReader((tmp_path / "out" / "results.csv").open()))
+    assert float(row["test_acc"]) == pytest.approx(summary["test_acc"])
+    (log,) = (tmp_path / "out" / "logs").glob("lora-seed1-*.log")
+    assert "$ lit-peft test --config" in log.read_text()
+    again = compare(str(path), "--output_dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert "1 finished before, 0 to run" in again.stdout  # fit and test both done: nothing runs again

@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from lit_peft import backbones
+from lit_peft import backbones, checkpoints
 from lit_peft.errors import ConfigError
 from lit_peft.methods.base import Method, default_param_groups
 from lit_peft.schedules import lazy_schedule
@@ -244,6 +244,13 @@ class PeftTask(LightningModule, abc.ABC):
             checkpoint["lit_peft"]["rng_per_rank"] = per_rank
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "lit_peft" not in checkpoint:
+            raise ConfigError("the checkpoint was not written by lit-peft (it has no 'lit_peft' entry); give a .ckpt "
+                              "written by `lit-peft fit`")
+        problem = checkpoints.mismatch(checkpoint["lit_peft"], self.spec(), self.method.spec() if self.method else None)
+        if problem:
+            raise ConfigError(f"the checkpoint does not belong to this run: {problem}. Load it with the config it "
+                              "was trained with (its run folder's config.yaml)")
         if self.method is not None:
             self.method.adopt_checkpoint(self, checkpoint)
         saved, expected = set(checkpoint["state_dict"]), self.trained_keys()
