@@ -56,7 +56,7 @@ def load_adapter(folder: str | Path) -> PeftTask:
     task: PeftTask = build(meta["task"])
     build(meta["method"]).attach(task)
     state = load_file(str(folder / "adapter_model.safetensors"))
-    task.on_load_checkpoint({"state_dict": state})
+    task.on_load_checkpoint({"state_dict": state, "lit_peft": {"task": meta["task"], "method": meta["method"]}})
     task.load_state_dict(state, strict=False)
     return task.eval()
 
