@@ -203,7 +203,7 @@ def test_sift_adapter_size_counts_its_indices(tiny_bert, toy_data, tmp_path) -> 
     method = methods.SIFT(density=0.05, selection_batches=1)
     quiet_trainer(max_steps=1, callbacks=[method, EfficiencyReport()], default_root_dir=str(tmp_path)).fit(
         task, datamodule=data)
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((tmp_path / "lit-peft" / "version_0" / "summary.json").read_text())  # no logger: a run folder of its own
     values = sum(p.numel() * p.element_size() for p in task.parameters() if p.requires_grad)
     indices = sum(b.numel() * b.element_size() for n, b in task.named_buffers() if n.endswith("sparse_indices"))
     assert indices > 0 and summary["adapter_mb"] == pytest.approx((values + indices) / 2**20, abs=1e-3)
