@@ -76,8 +76,9 @@ def mean_std(values: list[float]) -> tuple[float, float, int]:
 
 
 def welch(a: list[float], b: list[float]) -> Optional[float]:
-    """Welch's two-sided t-test p-value, or ``None`` where either side has fewer than two values or
-    both have no spread at all."""
+    """Welch's two-sided t-test p-value, or ``None`` where either side has fewer than two values.
+    Where neither side has any spread the test is undefined: 0.0 if the means differ, 1.0 if not
+    (docs/results.md says where that decides a row)."""
     if len(a) < 2 or len(b) < 2:
         return None
     if statistics.pvariance(a) == 0 and statistics.pvariance(b) == 0:
