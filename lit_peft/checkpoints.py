@@ -42,9 +42,22 @@ def read(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
         raise ConfigError(f"{what} '{path}' is not a Lightning checkpoint (no state_dict); give a .ckpt "
                           "written by `lit-peft fit`")
     if "lit_peft" not in ckpt:
-        raise ConfigError(f"{what} '{path}' was not written by lit-peft (it has no 'lit_peft' entry); give a "
-                          ".ckpt written by `lit-peft fit`")
+        raise ConfigError(not_lit_peft(f"{what} '{path}'"))
     return ckpt
+
+
+def not_lit_peft(which: str) -> str:
+    return f"{which} was not written by lit-peft (it has no 'lit_peft' entry); give a .ckpt written by `lit-peft fit`"
+
+
+def check_belongs(checkpoint: dict[str, Any], task_spec: dict[str, Any], method_spec: Optional[dict[str, Any]]) -> None:
+    """A ``ConfigError`` unless ``checkpoint`` is lit-peft's and was trained with this task, backbone and method."""
+    if "lit_peft" not in checkpoint:
+        raise ConfigError(not_lit_peft("the checkpoint"))
+    problem = mismatch(checkpoint["lit_peft"], task_spec, method_spec)
+    if problem:
+        raise ConfigError(f"the checkpoint does not belong to this run: {problem}. Load it with the config it "
+                          "was trained with (its run folder's config.yaml)")
 
 
 def mismatch(meta: dict[str, Any], task_spec: dict[str, Any], method_spec: Optional[dict[str, Any]]) -> Optional[str]:

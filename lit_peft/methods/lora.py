@@ -25,7 +25,7 @@ from lightning.pytorch import Trainer
 
 from lit_peft.errors import ConfigError
 from lit_peft.methods.peft_adapter import PeftAdapter
-from lit_peft.methods.targets import Targets
+from lit_peft.methods.targets import Targets, name_matches
 
 
 class LoRA(PeftAdapter):
@@ -152,7 +152,7 @@ def _conv1d_targets(task, names: Optional[list[str]]) -> list[str]:
     from transformers.pytorch_utils import Conv1D
 
     return [n for n, m in task.backbone.named_modules() if isinstance(m, Conv1D)
-            and any(n == t or n.endswith("." + t) for t in names or [])]
+            and any(name_matches(n, t) for t in names or [])]
 
 
 def _olora_conv1d(layer, adapter: str) -> None:

@@ -40,7 +40,8 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
 
 
-def _matches(name: str, target: str) -> bool:
+def name_matches(name: str, target: str) -> bool:
+    """Whether dotted module name ``name`` is ``target`` or ends with ``.target`` (peft's rule)."""
     return name == target or name.endswith("." + target)
 
 
@@ -66,7 +67,7 @@ def resolve_targets(model: nn.Module, targets: Targets, exclude: tuple[str, ...]
         return found
     all_names = [n for n, _ in model.named_modules()]
     for target in targets:
-        if not any(_matches(n, target) for n in all_names):
+        if not any(name_matches(n, target) for n in all_names):
             raise ConfigError(
                 f"unknown target module '{target}': no module of {type(model).__name__} is named so. "
                 f"Linear layers are named: {', '.join(sorted({n.split('.')[-1] for n in linear}))}"

@@ -244,13 +244,7 @@ class PeftTask(LightningModule, abc.ABC):
             checkpoint["lit_peft"]["rng_per_rank"] = per_rank
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "lit_peft" not in checkpoint:
-            raise ConfigError("the checkpoint was not written by lit-peft (it has no 'lit_peft' entry); give a .ckpt "
-                              "written by `lit-peft fit`")
-        problem = checkpoints.mismatch(checkpoint["lit_peft"], self.spec(), self.method.spec() if self.method else None)
-        if problem:
-            raise ConfigError(f"the checkpoint does not belong to this run: {problem}. Load it with the config it "
-                              "was trained with (its run folder's config.yaml)")
+        checkpoints.check_belongs(checkpoint, self.spec(), self.method.spec() if self.method else None)
         if self.method is not None:
             self.method.adopt_checkpoint(self, checkpoint)
         saved, expected = set(checkpoint["state_dict"]), self.trained_keys()
