@@ -1,7 +1,8 @@
 """Efficiency figures for every run, and the run's ``summary.json``.
 
 ``EfficiencyReport`` is on by default (the CLI adds it): trainable and total parameters, training
-wall time, training samples per second (validation time excluded), peak memory (CUDA max allocated
+wall time, training samples and tokens per second (validation time excluded), the padding the
+batches made the model compute (``padding_ratio``: tokens computed over real tokens), peak memory (CUDA max allocated
 on a GPU, the process's peak resident set on a CPU), checkpoint and adapter size. At the end of fit
 and of test it logs them and writes them, with every final metric by its logged name, to
 ``summary.json`` in the run folder (the logger's folder), and into a W&B run's summary and config. Lightning has no callback that reports
@@ -148,6 +149,8 @@ class EfficiencyReport(Callback):
         self.enabled = enabled
         self.filename = filename
         self.samples = 0
+        self.tokens = self.padded_tokens = 0  # real and computed (padded) training tokens, where batches have a mask
+        self._tokens: Optional[torch.Tensor] = None  # this epoch's counts on the device, read once (no sync a step)
         self.train_seconds = 0.0  # time inside training epochs, validation excluded
         self.fit_seconds = 0.0
         self._t_fit = self._t_epoch = self._t_val = 0.0
@@ -158,13 +161,16 @@ class EfficiencyReport(Callback):
     def state_dict(self) -> dict[str, float]:
         now = time.perf_counter()
         epoch = now - self._t_epoch - self._val_in_epoch if self._t_epoch else 0.0
+        self._read_tokens()
         return {"fit_seconds": self._prior_fit + (now - self._t_fit if self._t_fit else 0.0),
-                "train_seconds": self.train_seconds + epoch, "samples": self.samples}
+                "train_seconds": self.train_seconds + epoch, "samples": self.samples,
+                "tokens": self.tokens, "padded_tokens": self.padded_tokens}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self._prior_fit = float(state.get("fit_seconds", 0.0))
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.samples = int(state.get("samples", 0))
+        self.tokens, self.padded_tokens = int(state.get("tokens", 0)), int(state.get("padded_tokens", 0))
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         path = trainer.ckpt_path
@@ -192,8 +198,18 @@ class EfficiencyReport(Callback):
         if isinstance(batch, Mapping):
             first = next(iter(batch.values()))
             self.samples += len(first)
+            mask = batch.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                counts = torch.stack([mask.sum(), torch.tensor(mask.numel(), device=mask.device)])
+                self._tokens = counts if self._tokens is None else self._tokens + counts
         elif isinstance(batch, (list, tuple)) and batch:
             self.samples += len(batch[0])
+
+    def _read_tokens(self) -> None:
+        if self._tokens is not None:
+            real, computed = self._tokens.tolist()
+            self.tokens, self.padded_tokens = self.tokens + int(real), self.padded_tokens + int(computed)
+            self._tokens = None
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._t_val = time.perf_counter()
@@ -207,6 +223,7 @@ class EfficiencyReport(Callback):
             return
         self.train_seconds += time.perf_counter() - self._t_epoch - self._val_in_epoch
         self._t_epoch = 0.0
+        self._read_tokens()
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._t_epoch:  # stopped mid-epoch (max_steps)
@@ -244,11 +261,16 @@ class EfficiencyReport(Callback):
         }
         figures.update(world_size=trainer.world_size, num_nodes=trainer.num_nodes, environment=environment())
         if self.fit_seconds:
-            samples = self.samples
+            self._read_tokens()
+            samples, tokens, padded = self.samples, self.tokens, self.padded_tokens
             if trainer.world_size > 1:  # every rank's share of the batches (collective: every rank computes figures)
-                samples = int(trainer.strategy.reduce(torch.tensor(float(samples)), reduce_op="sum").item())
-            figures.update(train_time_s=round(self.fit_seconds, 2), train_samples=samples,
-                           samples_per_s=round(samples / self.train_seconds, 2) if self.train_seconds else None)
+                counts = torch.tensor([float(samples), float(tokens), float(padded)], device=trainer.strategy.root_device)
+                samples, tokens, padded = (int(x) for x in trainer.strategy.reduce(counts, reduce_op="sum").tolist())
+            per_s = (lambda n: round(n / self.train_seconds, 2)) if self.train_seconds else (lambda n: None)
+            figures.update(train_time_s=round(self.fit_seconds, 2), train_samples=samples, samples_per_s=per_s(samples))
+            if padded:
+                figures.update(train_tokens=tokens, tokens_per_s=per_s(tokens), padded_tokens_per_s=per_s(padded),
+                               padding_ratio=round(padded / max(tokens, 1), 4))
         return figures
 
     @staticmethod
@@ -307,5 +329,7 @@ def format_summary(summary: dict[str, Any], path: Path) -> str:
         parts.append(f"time={summary['train_time_s']:.1f}s")
     if summary.get("samples_per_s"):
         parts.append(f"samples/s={summary['samples_per_s']:.1f}")
+    if summary.get("tokens_per_s"):
+        parts.append(f"tokens/s={summary['tokens_per_s']:.0f} padding={summary['padding_ratio']:.2f}x")
     parts.append(f"peak_mem={summary['peak_memory_mb']:.0f}MB")
     return f"[lit-peft] {summary['method']} on {summary.get('data') or summary['task']}: " + " ".join(parts) + f"\n[lit-peft] summary: {path}"

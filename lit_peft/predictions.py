@@ -10,8 +10,10 @@ arrive, so nothing is held in memory. Where the rows go is the task's to say:
 - ``plot_prediction(example, path)``: with ``plots: true``, a PNG of each series' last example,
   next to the file (tasks without it refuse the option).
 
-Under DDP each rank writes its examples, with their dataset indices, to a part file; at the end rank
-zero writes the one file (and the plots) in dataset order and removes the parts.
+Batches may come in another order than the dataset's (text is predicted longest row first, see
+``LengthSorted``; under DDP each rank has its share), so each rank writes its examples, with their
+dataset indices, to a part file; at the end rank zero writes the one file (and the plots) in dataset
+order and removes the parts.
 """
 
 from __future__ import annotations
@@ -58,12 +60,8 @@ class PredictionWriter(BasePredictionWriter):
         self._last: dict[str, dict[str, Any]] = {}
         self._csv: Optional[csv.DictWriter] = None
         self._seen = 0
-        if trainer.world_size > 1:  # this rank's share, merged by rank zero at the end
-            self._part = self.part_file(trainer.global_rank)
-            self._file = self._part.open("w")
-        else:
-            self._part = None
-            self._file = target.open("x", newline="")
+        self._part = self.part_file(trainer.global_rank)  # this rank's rows, merged in dataset order at the end
+        self._file = self._part.open("w")
 
     def part_file(self, rank: int) -> Path:
         return self.written.with_name(f".{self.written.name}.rank{rank}.part")
@@ -75,9 +73,6 @@ class PredictionWriter(BasePredictionWriter):
         keys = list(prediction)
         for j, values in enumerate(zip(*(prediction[k] for k in keys))):
             example = dict(zip(keys, values))
-            if self._part is None:
-                self._emit(example)
-                continue
             # the dataset index Lightning tracks for writers; else the predict sampler's order (rank::world)
             index = batch_indices[j] if batch_indices else self._seen * trainer.world_size + trainer.global_rank
             self._file.write(json.dumps({"index": int(index), "example": example}) + "\n")
@@ -100,22 +95,21 @@ class PredictionWriter(BasePredictionWriter):
             return
         self._file.close()
         self._file = None
-        if self._part is not None:
-            trainer.strategy.barrier("lit_peft.predictions")  # every rank's part is complete
-            if not trainer.is_global_zero:
-                return
-            parts = [self.part_file(rank) for rank in range(trainer.world_size)]
-            rows = sorted((json.loads(line) for part in parts for line in part.open()), key=lambda r: r["index"])
-            seen: set[int] = set()
-            self._file = self.written.open("x", newline="")
-            for row in rows:
-                if row["index"] not in seen:  # the sampler pads no rank in predict, but be sure
-                    seen.add(row["index"])
-                    self._emit(row["example"])
-            self._file.close()
-            self._file = None
-            for part in parts:
-                part.unlink()
+        trainer.strategy.barrier("lit_peft.predictions")  # every rank's part is complete
+        if not trainer.is_global_zero:
+            return
+        parts = [self.part_file(rank) for rank in range(trainer.world_size)]
+        rows = sorted((json.loads(line) for part in parts for line in part.open()), key=lambda r: r["index"])
+        seen: set[int] = set()
+        self._file = self.written.open("x", newline="")
+        for row in rows:
+            if row["index"] not in seen:  # the sampler pads no rank in predict, but be sure
+                seen.add(row["index"])
+                self._emit(row["example"])
+        self._file.close()
+        self._file = None
+        for part in parts:
+            part.unlink()
         print(f"[lit-peft] predictions: {self.written}")
         if self.plots and self._last:
             self._plot_dir.mkdir(parents=True)

@@ -19,8 +19,9 @@ from typing import Any, Callable, Optional
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
+from lit_peft.data.samplers import EpochShuffle, LengthGroupedShuffle, LengthSorted  # noqa: F401 (EpochShuffle re-exported)
 from lit_peft.errors import ConfigError
 
 
@@ -33,6 +34,10 @@ class TokenizedDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.encodings[i]
+
+    def lengths(self, key: str = "input_ids") -> torch.Tensor:
+        """Tokens of ``key`` per row."""
+        return torch.tensor([len(e[key]) for e in self.encodings], dtype=torch.long)
 
 
 class TokenColumns(Dataset):
@@ -60,6 +65,10 @@ class TokenColumns(Dataset):
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
+
+    def lengths(self) -> torch.Tensor:
+        """Tokens per row."""
+        return self.offsets[1:] - self.offsets[:-1]
 
     def position(self, i: int) -> int:
         """Row ``i`` as an index in [0, len), negative ones counting from the end."""
@@ -145,48 +154,6 @@ class PadCollator:
         return batch
 
 
-class EpochShuffle(DistributedSampler):
-    """A fresh permutation each epoch, drawn from (seed, epoch) alone; under DDP, this rank's share.
-
-    No epoch's order depends on what was drawn before, and iterating draws nothing from the global
-    random stream, so a resumed run (the loader fast-forwards through the epoch's first batches)
-    sees the order an uninterrupted one would. The epoch is read from ``epoch_fn`` (the trainer's
-    count of processed epochs) when the permutation is drawn: a resumed Lightning run creates its first iterator
-    before it calls ``set_epoch``.
-
-    With ``num_replicas`` processes, rank ``r`` takes every ``num_replicas``-th index of the
-    permutation from ``r`` on (padded by repeating its start, as ``DistributedSampler`` does). It is a
-    ``DistributedSampler`` so that Lightning does not wrap it in one: the wrapper would shuffle again
-    with its own epoch counter, which a resumed run restarts at 0 (the resumed DDP run saw other
-    batches than the uninterrupted one). ``DistributedSampler.__init__`` is not called: it would ask
-    ``torch.distributed`` for the layout, which the trainer already knows.
-    """
-
-    def __init__(self, size: int, seed: int, epoch_fn: Optional[Callable[[], int]] = None,
-                 num_replicas: int = 1, rank: int = 0) -> None:
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
-        self.size, self.seed, self.epoch, self.epoch_fn = size, seed, 0, epoch_fn
-        self.num_replicas, self.rank, self.shuffle, self.drop_last = num_replicas, rank, True, False
-        self.num_samples = math.ceil(size / num_replicas)
-        self.total_size = self.num_samples * num_replicas
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        epoch = self.epoch_fn() if self.epoch_fn is not None else self.epoch
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        order = torch.randperm(self.size, generator=generator).tolist()
-        if self.num_replicas == 1:
-            return iter(order)
-        order += (order * self.num_replicas)[: self.total_size - len(order)]
-        return iter(order[self.rank:self.total_size:self.num_replicas])
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
 class SplitDataModule(LightningDataModule):
     """The four loaders over ``self.datasets`` (split -> Dataset); ``self.cfg`` holds batch_size,
     eval_batch_size, num_workers and seed. Tokenized and windowed (time series) data share it."""
@@ -199,19 +166,29 @@ class SplitDataModule(LightningDataModule):
     def _loader(self, split: str, train: bool = False):
         if split not in self.datasets:
             raise ConfigError(f"{type(self).__name__} has no '{split}' split; give the file for it")
-        h = self.cfg
+        h, dataset = self.cfg, self.datasets[split]
+        lengths = self.row_lengths(split, train) if getattr(h, "group_by_length", False) else None
         if train:
             from torchdata.stateful_dataloader import StatefulDataLoader
 
-            return StatefulDataLoader(self.datasets[split], batch_size=h.batch_size,
-                                      sampler=EpochShuffle(len(self.datasets[split]), h.seed, self._epoch,
-                                                           *self._replicas()),
+            if lengths is not None:
+                sampler = LengthGroupedShuffle(lengths, h.batch_size, h.seed, self._epoch, *self._replicas())
+            else:
+                sampler = EpochShuffle(len(dataset), h.seed, self._epoch, *self._replicas())
+            return StatefulDataLoader(dataset, batch_size=h.batch_size, sampler=sampler,
                                       generator=torch.Generator().manual_seed(h.seed),
                                       collate_fn=self.collate_fn(True), num_workers=h.num_workers)
         # a generator of its own, so iterating does not draw from the global random stream (exact resume)
-        return DataLoader(self.datasets[split], batch_size=h.eval_batch_size or h.batch_size, shuffle=False,
+        return DataLoader(dataset, batch_size=h.eval_batch_size or h.batch_size,
+                          sampler=LengthSorted(lengths) if lengths is not None else None, shuffle=False,
                           collate_fn=self.collate_fn(False), num_workers=h.num_workers,
                           generator=torch.Generator().manual_seed(h.seed))
+
+    def row_lengths(self, split: str, train: bool) -> Optional[torch.Tensor]:
+        """Tokens per row of ``split``: what training batches are grouped by and evaluation rows
+        sorted by (with ``group_by_length``); ``None`` where rows do not vary in length."""
+        lengths = getattr(self.datasets[split], "lengths", None)
+        return lengths() if callable(lengths) else None
 
     def _replicas(self) -> tuple[int, int]:
         """(processes, this one's rank) of the run: each takes its share of every epoch."""

