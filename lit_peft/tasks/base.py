@@ -60,6 +60,7 @@ class PeftTask(LightningModule, abc.ABC):
         warmup_ratio: float = 0.06,
         lr_multipliers: Optional[dict[str, float]] = None,
         weight_decay_multipliers: Optional[dict[str, float]] = None,
+        compile: bool = False,
     ) -> None:
         """
         Args:
@@ -72,11 +73,14 @@ class PeftTask(LightningModule, abc.ABC):
             lr_multipliers: regular expression (searched in parameter names) -> learning-rate factor,
                 e.g. ``{lora_B: 16}`` (LoRA+) or ``{"\\.value\\.": 4}`` (W_v at 4x); products where several match.
             weight_decay_multipliers: the same for weight decay, e.g. ``{embeddings: 0}`` (no decay there).
+            compile: run the backbone's forward (and backward) through ``torch.compile``, once the
+                method has rewritten it. Compiled in place (``nn.Module.compile``), so parameter names,
+                checkpoints and resumes are those of an uncompiled run. Generation is not compiled.
         """
         super().__init__()
         self.save_hyperparameters()  # what rebuilds this task (its class's own arguments under LightningCLI)
         backbones.torch_dtype(dtype)  # fail early on a typo
-        self.backbone_name, self.backbone_dtype = backbone, dtype
+        self.backbone_name, self.backbone_dtype, self.compile_backbone = backbone, dtype, compile
         self.optim = SimpleNamespace(lr=learning_rate, weight_decay=weight_decay, schedule=lr_schedule,
                                      warmup_ratio=warmup_ratio, multipliers=dict(lr_multipliers or {}),
                                      wd_multipliers=dict(weight_decay_multipliers or {}))
@@ -108,6 +112,8 @@ class PeftTask(LightningModule, abc.ABC):
 
     def configure_model(self) -> None:
         self.configure_backbone()
+        if self.compile_backbone and getattr(self.backbone, "_compiled_call_impl", None) is None:
+            self.backbone.compile()  # lazily: the first batch compiles; a new batch shape may recompile once
 
     def head_modules(self) -> list[str]:
         """Top-level modules of the backbone that form the task head; they always train."""

@@ -51,6 +51,7 @@ class CausalLM(PeftTask):
         warmup_ratio: float = 0.03,
         lr_multipliers: Optional[dict[str, float]] = None,
         weight_decay_multipliers: Optional[dict[str, float]] = None,
+        compile: bool = False,
         metric: Literal["auto", "exact_match", "rouge"] = "auto",
         max_new_tokens: int = 256,
         generate_in_validation: bool = False,
@@ -74,7 +75,7 @@ class CausalLM(PeftTask):
         """
         super().__init__(backbone=backbone, dtype=dtype, learning_rate=learning_rate, weight_decay=weight_decay,
                          lr_schedule=lr_schedule, warmup_ratio=warmup_ratio, lr_multipliers=lr_multipliers,
-                         weight_decay_multipliers=weight_decay_multipliers)
+                         weight_decay_multipliers=weight_decay_multipliers, compile=compile)
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if repetition_penalty <= 0:

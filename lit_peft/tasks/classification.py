@@ -33,6 +33,7 @@ class SequenceClassification(PeftTask):
         warmup_ratio: float = 0.06,
         lr_multipliers: Optional[dict[str, float]] = None,
         weight_decay_multipliers: Optional[dict[str, float]] = None,
+        compile: bool = False,
     ) -> None:
         """
         Args:
@@ -40,7 +41,7 @@ class SequenceClassification(PeftTask):
         """
         super().__init__(backbone=backbone, dtype=dtype, learning_rate=learning_rate, weight_decay=weight_decay,
                          lr_schedule=lr_schedule, warmup_ratio=warmup_ratio, lr_multipliers=lr_multipliers,
-                         weight_decay_multipliers=weight_decay_multipliers)
+                         weight_decay_multipliers=weight_decay_multipliers, compile=compile)
         if num_labels < 2:
             raise ConfigError(f"num_labels must be at least 2, got {num_labels}")
         self.num_labels = num_labels

@@ -69,6 +69,7 @@ class Forecasting(PeftTask):
         warmup_ratio: float = 0.05,
         lr_multipliers: Optional[dict[str, float]] = None,
         weight_decay_multipliers: Optional[dict[str, float]] = None,
+        compile: bool = False,
         quantile_loss_weight: float = 2.0,
         quantile_reduction: Literal["sum", "mean"] = "sum",
         loss_on: Literal["last_patch", "all_patches"] = "last_patch",
@@ -88,7 +89,7 @@ class Forecasting(PeftTask):
         super().__init__(backbone=backbone if backbone is not None else "random-init", dtype=dtype,
                          learning_rate=learning_rate, weight_decay=weight_decay, lr_schedule=lr_schedule,
                          warmup_ratio=warmup_ratio, lr_multipliers=lr_multipliers,
-                         weight_decay_multipliers=weight_decay_multipliers)
+                         weight_decay_multipliers=weight_decay_multipliers, compile=compile)
         if quantile_loss_weight < 0:
             raise ConfigError(f"quantile_loss_weight must be 0 or more, got {quantile_loss_weight}")
         if quantile_reduction not in ("sum", "mean"):

@@ -1,0 +1,254 @@
+"""Time to accuracy: LoRA on SST-2 with the packaged all-MiniLM-L6-v2, three ways, in one run.
+
+1. ``trainer``: transformers' ``Trainer`` with its defaults (random batches, each padded to its
+   longest row by ``DataCollatorWithPadding``);
+2. ``trainer_grouped``: the same with ``train_sampling_strategy="group_by_length"`` (what
+   ``group_by_length=True`` was before transformers 5);
+3. ``lit-peft``: ``Trainer.fit`` with ``SequenceClassification`` + ``LoRA`` + ``SST2Data`` at their
+   defaults (batches grouped by length).
+
+The same rows (the SST-2 train split in a seeded order), model (peft's LoRA r=8, alpha 16, dropout
+0.1 on every linear layer, the classifier trained whole), optimizer (AdamW, lr 1e-3, weight decay
+0.01, none on biases and LayerNorms), schedule (linear, 6% warm-up over the same number of steps),
+gradient clipping at 1.0 (Trainer's default) and batch size 32. Each way evaluates dev accuracy
+(872 sentences) every ``--eval_rows`` training rows; the time to accuracy is the wall time from the
+start of training until the first evaluation at or above ``--target``, evaluations included. Each
+(way, seed) runs in its own process, in an order that rotates from seed to seed.
+
+Results go to ``benchmarks/results/time_to_accuracy.{md,json}``. Last line::
+
+    tta_vs_trainer=<x> tta_vs_trainer_grouped=<y> padding_ratio=<p> acc_delta=<d>
+
+x and y are lit-peft's mean time to the target over the other way's; p is lit-peft's training
+tokens computed over real tokens; d is lit-peft's mean final dev accuracy minus Trainer's.
+
+    python benchmarks/time_to_accuracy.py --data_dir ../shared/data/sst2 [--rows 32768] [--eval_rows 4096]
+        [--seeds 0 1 2] [--target 0.88] [--ways trainer trainer_grouped lit-peft]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH, LR, WD, WARMUP, MAX_LENGTH, CLIP = 32, 1e-3, 0.01, 0.06, 64, 1.0
+LORA = dict(r=8, alpha=16, dropout=0.1)
+TARGETS = ["query", "key", "value", "dense"]  # every linear layer of a BERT block ("all-linear")
+WAYS = ("trainer", "trainer_grouped", "lit-peft")
+
+
+def point(rows: int, seconds: float, acc: float) -> dict:
+    """One evaluation of the curve, also printed at once (the parent shows progress as it comes)."""
+    print(f"POINT rows={rows} seconds={seconds:.1f} acc={acc:.4f}", flush=True)
+    return {"rows": rows, "seconds": seconds, "acc": acc}
+
+
+def lit_peft_way(args) -> dict:
+    from lightning.pytorch import Callback, Trainer, seed_everything
+
+    from lit_peft.data import SST2Data
+    from lit_peft.methods import LoRA
+    from lit_peft.metrics import EfficiencyReport
+    from lit_peft.tasks import SequenceClassification
+
+    seed_everything(args.seed, verbose=False)
+    steps = args.rows // BATCH
+
+    class Clock(Callback):
+        def __init__(self) -> None:
+            self.curve: list[dict] = []
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.start = time.perf_counter()
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            if not trainer.sanity_checking:
+                self.curve.append(point(trainer.global_step * BATCH, time.perf_counter() - self.start,
+                                        float(trainer.callback_metrics["val_acc"])))
+
+    task = SequenceClassification(backbone="minilm", learning_rate=LR, weight_decay=WD, warmup_ratio=WARMUP)
+    data = SST2Data(data_dir=args.data_dir, max_length=MAX_LENGTH, batch_size=BATCH, seed=args.seed)
+    clock, report = Clock(), EfficiencyReport(enabled=False)
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, val_check_interval=args.eval_rows // BATCH,
+                      check_val_every_n_epoch=None, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, gradient_clip_val=CLIP,
+                      callbacks=[LoRA(targets=TARGETS, **LORA), clock, report])
+    trainer.fit(task, datamodule=data)
+    report._read_tokens()
+    return {"curve": clock.curve, "padding_ratio": report.padded_tokens / report.tokens}
+
+
+def trainer_way(args, grouped: bool) -> dict:
+    import numpy as np
+    from peft import LoraConfig, get_peft_model
+    from transformers import (AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainerCallback,
+                              TrainingArguments)
+
+    from lit_peft.backbones import load_tokenizer, resolve
+    from lit_peft.data.text_classification import read_rows
+
+    tokenizer = load_tokenizer("minilm")
+
+    def encode(path: Path) -> list[dict]:
+        rows = [row for _, row in read_rows(path)]
+        enc = tokenizer([r["sentence"] for r in rows], truncation=True, max_length=MAX_LENGTH)
+        return [{"input_ids": ids, "token_type_ids": types, "attention_mask": mask, "labels": int(r["label"])}
+                for ids, types, mask, r in zip(enc["input_ids"], enc["token_type_ids"], enc["attention_mask"], rows)]
+
+    folder = Path(args.data_dir)
+    train, dev = encode(folder / "train.tsv"), encode(folder / "dev.tsv")
+    model = AutoModelForSequenceClassification.from_pretrained(resolve("minilm"), num_labels=2)
+    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                             target_modules=TARGETS, modules_to_save=["classifier"], task_type="SEQ_CLS"))
+
+    class Counting(DataCollatorWithPadding):
+        computed = real = 0
+
+        def __call__(self, features):
+            batch = super().__call__(features)
+            if model.training:
+                Counting.computed += batch["attention_mask"].numel()
+                Counting.real += int(batch["attention_mask"].sum())
+            return batch
+
+    class Clock(TrainerCallback):
+        curve: list[dict] = []
+
+        def on_train_begin(self, targs, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_evaluate(self, targs, state, control, metrics=None, **kw):
+            self.curve.append(point(state.global_step * BATCH, time.perf_counter() - self.start, metrics["eval_accuracy"]))
+
+    def accuracy(pred) -> dict:
+        return {"accuracy": float((np.argmax(pred.predictions, axis=-1) == pred.label_ids).mean())}
+
+    targs = TrainingArguments(
+        output_dir=str(Path(args.work) / f"trainer_{'grouped_' if grouped else ''}{args.seed}"),
+        per_device_train_batch_size=BATCH, learning_rate=LR, weight_decay=WD, lr_scheduler_type="linear",
+        warmup_steps=WARMUP, max_steps=args.rows // BATCH, max_grad_norm=CLIP, eval_strategy="steps",
+        eval_steps=args.eval_rows // BATCH, save_strategy="no", logging_strategy="no", report_to="none",
+        disable_tqdm=True, seed=args.seed, data_seed=args.seed, use_cpu=True,
+        train_sampling_strategy="group_by_length" if grouped else "random")
+    clock = Clock()
+    trainer = Trainer(model=model, args=targs, train_dataset=train, eval_dataset=dev,
+                      data_collator=Counting(tokenizer), compute_metrics=accuracy, callbacks=[clock])
+    trainer.train()
+    return {"curve": clock.curve, "padding_ratio": Counting.computed / Counting.real}
+
+
+def one(args) -> None:
+    """Run one (way, seed) in this process and print its result as a JSON line."""
+    import logging
+    import warnings
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    from lit_peft import quiet
+
+    quiet.install()
+    result = lit_peft_way(args) if args.one == "lit-peft" else trainer_way(args, grouped=args.one == "trainer_grouped")
+    print("RESULT " + json.dumps({"way": args.one, "seed": args.seed, **result}), flush=True)
+
+
+def time_to(curve: list[dict], target: float) -> float | None:
+    return next((point["seconds"] for point in curve if point["acc"] >= target), None)
+
+
+def spread(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data" / "sst2"))
+    parser.add_argument("--rows", type=int, default=32768, help="training rows each way sees (a multiple of eval_rows)")
+    parser.add_argument("--eval_rows", type=int, default=4096, help="training rows between dev evaluations")
+    parser.add_argument("--target", type=float, default=0.88)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--ways", nargs="+", default=list(WAYS), choices=WAYS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--name", default="time_to_accuracy")
+    parser.add_argument("--work", default=str(ROOT / "results" / "time_to_accuracy"))
+    parser.add_argument("--one", choices=WAYS, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        return one(args)
+    if args.rows % args.eval_rows or args.eval_rows % BATCH:
+        parser.error("--rows must be a multiple of --eval_rows, and --eval_rows of the batch size (32)")
+
+    out = ROOT / "benchmarks" / "results"
+    results: list[dict] = []
+    for k, seed in enumerate(args.seeds):
+        ways = args.ways[k % len(args.ways):] + args.ways[: k % len(args.ways)]  # each way first as often
+        for way in ways:
+            cmd = [sys.executable, __file__, "--one", way, "--seed", str(seed), "--data_dir", args.data_dir,
+                   "--rows", str(args.rows), "--eval_rows", str(args.eval_rows), "--threads", str(args.threads),
+                   "--work", args.work]
+            log = Path(args.work) / f"{way}_seed{seed}.log"  # the child's warnings and errors
+            log.parent.mkdir(parents=True, exist_ok=True)
+            done = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, cwd=ROOT)
+            line = None
+            for text in done.stdout:
+                if text.startswith("POINT "):
+                    print(f"  {way} seed {seed}: {text[6:].strip()}", flush=True)
+                elif text.startswith("RESULT "):
+                    line = text
+            if done.wait() != 0 or line is None:
+                sys.exit(f"{way} seed {seed} failed:\n{log.read_text()[-3000:]}")
+            result = json.loads(line[len("RESULT "):])
+            result["tta_s"] = time_to(result["curve"], args.target)
+            result["final_acc"] = result["curve"][-1]["acc"]
+            results.append(result)
+            print(f"{way:16s} seed {seed}: time to {args.target:.0%} {result['tta_s'] or float('nan'):.1f} s, final acc "
+                  f"{result['final_acc']:.4f}, padding {result['padding_ratio']:.3f}x, "
+                  f"curve {[round(p['acc'], 4) for p in result['curve']]}", flush=True)
+            (out / f"{args.name}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+
+    by_way = {w: [r for r in results if r["way"] == w] for w in args.ways}
+    lines = [f"LoRA r=8 (every linear layer) on all-MiniLM-L6-v2, SST-2 train rows={args.rows} batch={BATCH}, dev accuracy "
+             f"every {args.eval_rows} rows, target {args.target:.0%}, seeds {args.seeds}, threads={args.threads}, CPU", "",
+             f"| way | time to {args.target:.0%} (s, mean ± std) | reached | final dev accuracy (mean ± std) | padding ratio | "
+             "wall time (s) | every seed: time to target / final accuracy |", "|---|---|---|---|---|---|---|"]
+    for way, rows in by_way.items():
+        times = [r["tta_s"] for r in rows if r["tta_s"] is not None]
+        per_seed = ", ".join(f"{r['tta_s']:.0f} s / {r['final_acc']:.4f}" if r["tta_s"] else f"not reached / {r['final_acc']:.4f}"
+                             for r in rows)
+        lines.append(f"| {way} | {spread(times).replace('.0000', '')} | {len(times)} of {len(rows)} | "
+                     f"{spread([r['final_acc'] for r in rows])} | {statistics.mean(r['padding_ratio'] for r in rows):.3f} | "
+                     f"{statistics.mean(r['curve'][-1]['seconds'] for r in rows):.0f} | {per_seed} |")
+
+    def mean_tta(way: str) -> float | None:
+        times = [r["tta_s"] for r in by_way.get(way, [])]
+        return statistics.mean(times) if times and all(t is not None for t in times) else None
+
+    def ratio(other: str) -> str:
+        mine, theirs = mean_tta("lit-peft"), mean_tta(other)
+        return f"{mine / theirs:.3f}" if mine and theirs else "nan"
+
+    acc = {w: [r["final_acc"] for r in rows] for w, rows in by_way.items()}
+    delta = (statistics.mean(acc["lit-peft"]) - statistics.mean(acc["trainer"])) if acc.get("lit-peft") and acc.get("trainer") else float("nan")
+    padding = statistics.mean(r["padding_ratio"] for r in by_way.get("lit-peft", [])) if by_way.get("lit-peft") else float("nan")
+    last = f"tta_vs_trainer={ratio('trainer')} tta_vs_trainer_grouped={ratio('trainer_grouped')} padding_ratio={padding:.3f} acc_delta={delta:+.4f}"
+    lines += ["", "Time to accuracy counts from the start of training, evaluations included; a ratio is lit-peft's mean "
+              "over the other way's.", "", last]
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
