@@ -16,7 +16,7 @@ import yaml
 from lit_peft.cli import main
 
 SUMMARY_KEYS = {"method", "task", "trainable_params", "total_params", "trainable_pct", "train_time_s", "samples_per_s",
-                "peak_memory_mb", "checkpoint_mb"}
+                "peak_memory_mb", "checkpoint_mb", "train_tokens", "tokens_per_s", "padding_ratio"}
 
 
 def write_config(folder: Path, tiny_bert: str, toy_data: Path, method: dict | None = None, **trainer) -> Path:
@@ -73,6 +73,29 @@ def test_fit_writes_summary_with_every_figure(fitted) -> None:
     assert (run / "config.yaml").is_file() and (run / "metrics.csv").is_file()
 
 
+def test_summary_counts_the_real_and_the_padded_tokens(fitted, tiny_bert, toy_data) -> None:
+    """2 epochs see every training row twice: train_tokens is twice the split's tokens; the padded
+    count is what the epochs' batches (grouped by length, as the run drew them) compute."""
+    from lit_peft.backbones import load_tokenizer
+    from lit_peft.data import SST2Data
+
+    _, run = fitted
+    summary = json.loads((run / "summary.json").read_text())
+    data = SST2Data(data_dir=str(toy_data), batch_size=32, max_length=16, seed=42)
+    data._tokenizer = lambda: load_tokenizer(tiny_bert)
+    data.setup("fit")
+    lengths = data.datasets["train"].lengths()
+    assert summary["train_tokens"] == 2 * int(lengths.sum())
+    padded = 0
+    for epoch in (0, 1):
+        sampler = data.train_dataloader().sampler
+        sampler.epoch_fn, sampler.epoch = None, epoch
+        order = list(sampler)
+        padded += sum(len(order[i:i + 32]) * int(lengths[order[i:i + 32]].max()) for i in range(0, len(order), 32))
+    assert summary["padding_ratio"] == pytest.approx(padded / summary["train_tokens"], abs=1e-4)
+    assert summary["tokens_per_s"] == pytest.approx(summary["samples_per_s"] * lengths.float().mean().item(), rel=1e-3)
+
+
 def test_checkpoint_is_small(fitted) -> None:
     _, run = fitted
     ckpt = torch.load(next((run / "checkpoints").glob("*.ckpt")), weights_only=False)
@@ -120,6 +143,26 @@ def test_predict_writes_jsonl(fitted, toy_data, tmp_path) -> None:
                       "--trainer.logger.init_args.save_dir", str(tmp_path / "again"), cwd=tmp_path)
     assert result.returncode == 2 and "preds.jsonl' already exists" in result.stderr
     assert "Traceback" not in result.stderr and (tmp_path / "preds.jsonl").read_text() == before
+
+
+def test_predictions_keep_the_file_order_though_batches_run_longest_first(fitted, tmp_path) -> None:
+    """Rows of very different lengths: predicted longest first (``LengthSorted``), written in the
+    file's order, with the probabilities an unsorted predict gives row by row."""
+    config, run = fitted
+    ckpt = next((run / "checkpoints").glob("*.ckpt"))
+    texts = [" ".join(["good" if i % 2 else "awful"] * (1 + (7 * i) % 13)) for i in range(20)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = {}
+    for grouped in ("true", "false"):
+        cli("predict", "--config", str(config), "--ckpt_path", str(ckpt), "--data", "lit_peft.data.TextClassificationData",
+            "--data.init_args.predict_file", str(tmp_path / "in.jsonl"), "--data.init_args.batch_size", "4",
+            "--data.init_args.group_by_length", grouped, "--predictions.path", str(tmp_path / f"{grouped}.jsonl"),
+            "--trainer.logger.init_args.save_dir", str(tmp_path / grouped))
+        out[grouped] = [json.loads(line) for line in (tmp_path / f"{grouped}.jsonl").read_text().splitlines()]
+    assert len(out["true"]) == len(texts)
+    for sorted_row, plain_row in zip(out["true"], out["false"]):
+        assert sorted_row["probs"] == pytest.approx(plain_row["probs"], abs=1e-5)
+    assert len({round(r["probs"][0], 4) for r in out["true"]}) > 5  # the rows differ, so an order slip would show
 
 
 def test_merge_and_export_commands(fitted, tmp_path, tiny_bert) -> None:
