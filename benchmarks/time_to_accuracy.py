@@ -172,6 +172,12 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
+def seconds(values: list[float]) -> str:
+    if not values:
+        return "–"
+    return f"{statistics.mean(values):.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data" / "sst2"))
@@ -183,6 +189,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default="time_to_accuracy")
     parser.add_argument("--work", default=str(ROOT / "results" / "time_to_accuracy"))
+    parser.add_argument("--from_json", help="rebuild the tables from an earlier run's <name>.json, running nothing")
     parser.add_argument("--one", choices=WAYS, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -192,6 +199,11 @@ def main() -> None:
         parser.error("--rows must be a multiple of --eval_rows, and --eval_rows of the batch size (32)")
 
     out = ROOT / "benchmarks" / "results"
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        for key in ("rows", "eval_rows", "target", "seeds", "ways", "threads"):
+            setattr(args, key, saved["args"][key])
+        return write_report(args, saved["results"], out)
     results: list[dict] = []
     for k, seed in enumerate(args.seeds):
         ways = args.ways[k % len(args.ways):] + args.ways[: k % len(args.ways)]  # each way first as often
@@ -219,6 +231,13 @@ def main() -> None:
                   f"curve {[round(p['acc'], 4) for p in result['curve']]}", flush=True)
             (out / f"{args.name}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
 
+    write_report(args, results, out)
+
+
+def write_report(args, results: list[dict], out: Path) -> None:
+    """The tables and the last line, from every (way, seed) result."""
+    from lit_peft.report import welch
+
     by_way = {w: [r for r in results if r["way"] == w] for w in args.ways}
     lines = [f"LoRA r=8 (every linear layer) on all-MiniLM-L6-v2, SST-2 train rows={args.rows} batch={BATCH}, dev accuracy "
              f"every {args.eval_rows} rows, target {args.target:.0%}, seeds {args.seeds}, threads={args.threads}, CPU", "",
@@ -228,7 +247,7 @@ def main() -> None:
         times = [r["tta_s"] for r in rows if r["tta_s"] is not None]
         per_seed = ", ".join(f"{r['tta_s']:.0f} s / {r['final_acc']:.4f}" if r["tta_s"] else f"not reached / {r['final_acc']:.4f}"
                              for r in rows)
-        lines.append(f"| {way} | {spread(times).replace('.0000', '')} | {len(times)} of {len(rows)} | "
+        lines.append(f"| {way} | {seconds(times)} | {len(times)} of {len(rows)} | "
                      f"{spread([r['final_acc'] for r in rows])} | {statistics.mean(r['padding_ratio'] for r in rows):.3f} | "
                      f"{statistics.mean(r['curve'][-1]['seconds'] for r in rows):.0f} | {per_seed} |")
 
@@ -244,10 +263,14 @@ def main() -> None:
     delta = (statistics.mean(acc["lit-peft"]) - statistics.mean(acc["trainer"])) if acc.get("lit-peft") and acc.get("trainer") else float("nan")
     padding = statistics.mean(r["padding_ratio"] for r in by_way.get("lit-peft", [])) if by_way.get("lit-peft") else float("nan")
     last = f"tta_vs_trainer={ratio('trainer')} tta_vs_trainer_grouped={ratio('trainer_grouped')} padding_ratio={padding:.3f} acc_delta={delta:+.4f}"
+    p = welch(acc.get("lit-peft", []), acc.get("trainer", []))
     lines += ["", "Time to accuracy counts from the start of training, evaluations included; a ratio is lit-peft's mean "
-              "over the other way's.", "", last]
+              "over the other way's.", "",
+              f"Final dev accuracy, lit-peft minus Trainer: {delta:+.4f} (Welch's t-test over the seeds: p = "
+              f"{p:.2f}; one dev sentence is {1 / 872:.4f})." if p is not None else "", "", last]
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
 
 
 if __name__ == "__main__":
