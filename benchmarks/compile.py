@@ -14,7 +14,7 @@ Results go to ``benchmarks/results/compile.{md,json}``. Last line::
 
     compile_lora_ratio=<x> bf16_lora_ratio=<y>   (steady step time over eager fp32; below 1 is faster)
 
-    python benchmarks/compile.py [--steps 60] [--warmup 20] [--methods lora houlsby full] [--causal]
+    python benchmarks/compile.py [--steps 60] [--warmup 20] [--methods lora houlsby full] [--causal] [--name compile]
 """
 
 from __future__ import annotations
@@ -94,7 +94,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--methods", nargs="+", default=["lora", "houlsby", "full"], choices=["lora", "houlsby", "full"])
+    parser.add_argument("--methods", nargs="*", default=["lora", "houlsby", "full"], choices=["lora", "houlsby", "full"],
+                        help="MiniLM methods to time (none: only --causal)")
+    parser.add_argument("--name", default="compile", help="result files: benchmarks/results/<name>.{md,json}")
+    parser.add_argument("--from_json", help="rebuild the table from an earlier <name>.json, running nothing")
     parser.add_argument("--causal", action="store_true", help="also SmolLM2-135M + LoRA on GSM8K rows")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -107,7 +110,10 @@ def main() -> None:
         return
     runs = [("minilm", m) for m in args.methods] + ([("smollm2", "lora")] if args.causal else [])
     results = []
-    for model, name in runs:
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())["results"]
+        runs = list(dict.fromkeys((r["model"], r["method"]) for r in results))
+    for model, name in runs if not args.from_json else []:
         for mode in MODES:
             cmd = [sys.executable, __file__, "--one", "--model", model, "--method", name, "--mode", mode,
                    "--steps", str(args.steps), "--threads", str(args.threads)]
@@ -122,7 +128,7 @@ def main() -> None:
             print(f"{model} {name} {mode}: steady {result['steady_ms']:.1f} ms/step, warm-up {result['warmup_s']:.1f} s",
                   flush=True)
     out = ROOT / "benchmarks" / "results"
-    (out / "compile.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+    (out / f"{args.name}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
     lines = [f"Training step time by mode, {args.steps} steps (the first {args.warmup} are the warm-up), threads={args.threads}, CPU; "
              "MiniLM: SST-2 batches of 32 grouped by length (max_length 64); SmolLM2: GSM8K batches of 4", "",
              "| model | method | mode | steady ms/step | vs eager fp32 | warm-up extra s | steps to pay back |",
@@ -135,13 +141,18 @@ def main() -> None:
             ratios[(model, name, r["mode"])] = ratio
             extra = r["warmup_s"] - base["warmup_s"]
             saved = (base["steady_ms"] - r["steady_ms"]) / 1000
-            payback = "–" if r["mode"] == "eager" else (f"{extra / saved:.0f}" if saved > 0 else "never")
+            if r["mode"] == "eager":
+                payback = "–"
+            elif saved <= 0:
+                payback = "never"
+            else:
+                payback = "at once" if extra <= 0 else f"{extra / saved:.0f}"
             lines.append(f"| {model} | {name} | {r['mode']} | {r['steady_ms']:.1f} | {ratio:.3f} | "
                          f"{extra if r['mode'] != 'eager' else 0:.1f} | {payback} |")
     last = (f"compile_lora_ratio={ratios.get(('minilm', 'lora', 'compiled'), float('nan')):.3f} "
             f"bf16_lora_ratio={ratios.get(('minilm', 'lora', 'bf16'), float('nan')):.3f}")
     lines += ["", last]
-    (out / "compile.md").write_text("\n".join(lines) + "\n")
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
