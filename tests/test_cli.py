@@ -15,8 +15,10 @@ import yaml
 
 from lit_peft.cli import main
 
+#: what a run of batches with an attention mask adds (a forecaster's windows have none)
+TOKEN_KEYS = {"train_tokens", "tokens_per_s", "padded_tokens_per_s", "padding_ratio"}
 SUMMARY_KEYS = {"method", "task", "trainable_params", "total_params", "trainable_pct", "train_time_s", "samples_per_s",
-                "peak_memory_mb", "checkpoint_mb", "train_tokens", "tokens_per_s", "padding_ratio"}
+                "peak_memory_mb", "checkpoint_mb"} | TOKEN_KEYS
 
 
 def write_config(folder: Path, tiny_bert: str, toy_data: Path, method: dict | None = None, **trainer) -> Path:
