@@ -12,7 +12,8 @@ itself (extra seconds over seconds saved a step).
 
 Results go to ``benchmarks/results/compile.{md,json}``. Last line::
 
-    compile_lora_ratio=<x> bf16_lora_ratio=<y>   (steady step time over eager fp32; below 1 is faster)
+    compile_lora_ratio=<x> bf16_lora_ratio=<y>   (steady step time over eager fp32; below 1 is faster;
+                                                  MiniLM's LoRA, or SmolLM2's when only ``--causal`` ran)
 
     python benchmarks/compile.py [--steps 60] [--warmup 20] [--methods lora houlsby full] [--causal] [--name compile]
 """
@@ -128,7 +129,8 @@ def main() -> None:
             print(f"{model} {name} {mode}: steady {result['steady_ms']:.1f} ms/step, warm-up {result['warmup_s']:.1f} s",
                   flush=True)
     out = ROOT / "benchmarks" / "results"
-    (out / f"{args.name}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+    if not args.from_json:  # a rebuild keeps the measured run's record as it was
+        (out / f"{args.name}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
     lines = [f"Training step time by mode, {args.steps} steps (the first {args.warmup} are the warm-up), threads={args.threads}, CPU; "
              "MiniLM: SST-2 batches of 32 grouped by length (max_length 64); SmolLM2: GSM8K batches of 4", "",
              "| model | method | mode | steady ms/step | vs eager fp32 | warm-up extra s | steps to pay back |",
@@ -149,8 +151,10 @@ def main() -> None:
                 payback = "at once" if extra <= 0 else f"{extra / saved:.0f}"
             lines.append(f"| {model} | {name} | {r['mode']} | {r['steady_ms']:.1f} | {ratio:.3f} | "
                          f"{extra if r['mode'] != 'eager' else 0:.1f} | {payback} |")
-    last = (f"compile_lora_ratio={ratios.get(('minilm', 'lora', 'compiled'), float('nan')):.3f} "
-            f"bf16_lora_ratio={ratios.get(('minilm', 'lora', 'bf16'), float('nan')):.3f}")
+    # The last line is MiniLM's LoRA where it ran, else the first model's (``--methods --causal``).
+    key = "minilm" if any(model == "minilm" for model, _ in runs) else runs[0][0]
+    last = (f"compile_lora_ratio={ratios.get((key, 'lora', 'compiled'), float('nan')):.3f} "
+            f"bf16_lora_ratio={ratios.get((key, 'lora', 'bf16'), float('nan')):.3f}")
     lines += ["", last]
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
