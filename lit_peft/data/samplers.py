@@ -68,7 +68,8 @@ class LengthGroupedShuffle(EpochShuffle):
     global batches (``batch_size`` x processes rows each); each mega-batch sorted by length, longest
     first, and cut into global batches; the global batches shuffled, except that the one holding the
     longest row goes first (an out-of-memory error shows at step one, not hours in) and a short last
-    batch stays last (so every other batch is whole). Rank ``r`` of ``num_replicas`` takes every
+    batch stays last (so every other batch is whole; where it drew the longest row, that row trades
+    places with the first batch's shortest). Rank ``r`` of ``num_replicas`` takes every
     ``num_replicas``-th row of each global batch from ``r`` on: one step's ranks get rows of the same
     lengths, and so wait on no straggler.
 
@@ -86,6 +87,8 @@ class LengthGroupedShuffle(EpochShuffle):
 
     def global_batches(self) -> list[torch.Tensor]:
         """This epoch's global batches, in the order they run (every rank computes the same)."""
+        if self.size == 0:
+            return []
         epoch = self.epoch_fn() if self.epoch_fn is not None else self.epoch
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(self.size, generator=generator)
@@ -102,6 +105,13 @@ class LengthGroupedShuffle(EpochShuffle):
         batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
         longest = max(range(len(batches)), key=lambda i: int(self.lengths[batches[i]].max()))
         batches.insert(0, batches.pop(longest))
+        if tail and int(self.lengths[tail[0]].max()) > int(self.lengths[batches[0]].max()):
+            # the short last batch holds the longest row (a small last mega-batch): it trades places
+            # with the first batch's shortest row, so the first step is still the longest one
+            first, last = batches[0].clone(), tail[0].clone()
+            i, j = int(self.lengths[last].argmax()), int(self.lengths[first].argmin())
+            first[j], last[i] = int(tail[0][i]), int(batches[0][j])
+            batches[0], tail = first, [last]
         return batches + tail
 
     def __iter__(self) -> Iterator[int]:

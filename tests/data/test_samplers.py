@@ -53,6 +53,36 @@ def test_batches_come_from_sorted_mega_batches_longest_first_and_only_the_last_i
     assert maxima != sorted(maxima, reverse=True)
 
 
+@pytest.mark.parametrize("size, batch_size, mega_batches, world", [(54, 8, 1, 1), (54, 8, 3, 1), (37, 4, 2, 2),
+                                                                     (5, 8, 50, 1), (1000, 16, 50, 2)])
+def test_the_first_batch_holds_the_longest_row_even_when_the_short_last_batch_drew_it(size, batch_size, mega_batches,
+                                                                                       world) -> None:
+    """Where the last mega-batch is shorter than a batch it is the short last batch: when that one
+    drew the longest row, the row trades places with the first batch's shortest, so step one is
+    still the longest; every row is still seen once and every batch but the last is whole."""
+    width, tail_drew_it = batch_size * world, 0
+    for seed in range(40):
+        lengths = lengths_of(size, seed=seed)
+        sampler = LengthGroupedShuffle(lengths, batch_size=batch_size, seed=seed, mega_batches=mega_batches,
+                                       num_replicas=world)
+        whole = sampler.global_batches()
+        rows = torch.cat(whole)
+        assert int(lengths[whole[0]].max()) == int(lengths.max()), seed
+        assert set(rows.tolist()) == set(range(size)) and len(rows) == sampler.total_size
+        assert all(len(b) == width for b in whole[:-1])
+        short = sampler.total_size % (width * mega_batches)
+        if 0 < short < width and len(whole) > 1:  # the last mega-batch is the last batch: did it draw the longest?
+            drawn = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003))
+            drawn = torch.cat([drawn, drawn.repeat(world)[: sampler.total_size - size]])
+            tail_drew_it += int(lengths[drawn[-short:]].max()) == int(lengths.max())
+    if size in (54, 37):
+        assert tail_drew_it > 0  # the case the swap is for did arise
+
+
+def test_an_empty_split_gives_no_batches() -> None:
+    assert list(LengthGroupedShuffle(torch.zeros(0, dtype=torch.long), batch_size=8, seed=0)) == []
+
+
 def test_two_ranks_split_each_global_batch_and_cover_the_epoch() -> None:
     lengths = lengths_of(2003, seed=5)
     ranks = [LengthGroupedShuffle(lengths, batch_size=8, seed=4, num_replicas=2, rank=r) for r in (0, 1)]
