@@ -14,10 +14,11 @@ trains are saved with what trained, so a resumed or merged model normalises as t
 from __future__ import annotations
 
 import abc
+import contextlib
 import importlib
 import random
 from types import SimpleNamespace
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -31,6 +32,19 @@ from lit_peft.schedules import lazy_schedule
 
 #: attribute names of classification / regression heads in transformers models
 HEAD_NAMES = ("classifier", "score", "pre_classifier", "qa_outputs")
+
+
+@contextlib.contextmanager
+def eager(module: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, calls of ``module`` run its eager forward even where ``compile: true``
+    compiled it. Generation needs this: every decoding step grows the KV cache by one, so a compiled
+    forward would recompile step after step and spend far longer compiling than decoding."""
+    compiled = getattr(module, "_compiled_call_impl", None)
+    module._compiled_call_impl = None  # what nn.Module.__call__ checks before its compiled forward
+    try:
+        yield module
+    finally:
+        module._compiled_call_impl = compiled
 
 
 def build(spec: dict[str, Any]) -> Any:

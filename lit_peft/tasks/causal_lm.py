@@ -30,7 +30,7 @@ from torch import nn
 from lit_peft import backbones
 from lit_peft.data.gsm8k import extract_answer
 from lit_peft.errors import ConfigError
-from lit_peft.tasks.base import PeftTask
+from lit_peft.tasks.base import PeftTask, eager
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
@@ -177,7 +177,8 @@ class CausalLM(PeftTask):
         else:
             options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         prompts = batch["prompt_input_ids"]
-        out = self.backbone.generate(input_ids=prompts, attention_mask=batch["prompt_attention_mask"], **options)
+        with eager(self.backbone):  # a compiled forward would recompile at every new cache length
+            out = self.backbone.generate(input_ids=prompts, attention_mask=batch["prompt_attention_mask"], **options)
         return out[:, prompts.shape[1]:]
 
     def score(self, generations: list[str], references: list[str], stage: str) -> None:

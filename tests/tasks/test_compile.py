@@ -47,10 +47,44 @@ def test_a_compiled_fit_trains_what_an_eager_one_does_and_resumes_exactly(method
     assert getattr(task.backbone, "_compiled_call_impl", None) is not None  # it did run compiled
     assert compiled.keys() == eager.keys()
     for key in eager:
-        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-3, atol=1e-4, msg=key)
+        # Adam divides each coordinate's step by its gradient's size, so where a gradient is near zero
+        # the compiled kernels' rounding moves a weight by up to ~1e-4 in 6 steps (seen on LoRA's
+        # layer-0 query B); training different weights would move them by ~lr x steps = 6e-2
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-3, atol=5e-4, msg=key)
     saved = torch.load(tmp_path / "compiled" / f"step={STEPS}.ckpt", map_location="cpu", weights_only=False)
     assert set(saved["state_dict"]) == set(eager) and not any("_orig_mod" in k for k in saved["state_dict"])
     with torch._inductor.config.patch(fallback_random=True):
         _, resumed = fit(tiny_bert, toy_data, method, True, tmp_path / "resumed", ckpt=tmp_path / "compiled" / f"step={MID}.ckpt")
     for key in compiled:
         torch.testing.assert_close(resumed[key], compiled[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_generation_runs_the_eager_forward_of_a_compiled_backbone(tiny_llama, toy_gsm8k) -> None:
+    """Each decoding step grows the KV cache, so a compiled forward would recompile at every step:
+    ``generate_ids`` runs the backbone eagerly (the same tokens as an uncompiled task) and leaves it
+    compiled for training afterwards."""
+    from lit_peft.data import GSM8KData
+    from lit_peft.tasks import CausalLM
+
+    data = GSM8KData(data_dir=str(toy_gsm8k), val_size=16, max_length=96, max_response_length=48, batch_size=4,
+                     tokenizer=tiny_llama)
+    data.setup("test")
+    batch = next(iter(data.test_dataloader()))
+    eager_task = CausalLM(backbone=tiny_llama, max_new_tokens=6)
+    eager_task.configure_model()
+    task = CausalLM(backbone=tiny_llama, max_new_tokens=6, compile=True)
+    task.configure_model()
+    compiled_calls = []
+
+    def spy(*args, **kwargs):
+        compiled_calls.append(1)
+        return task.backbone._call_impl(*args, **kwargs)
+
+    assert task.backbone._compiled_call_impl is not None  # compile: true compiled the backbone
+    task.backbone._compiled_call_impl = spy
+    task.backbone(input_ids=batch["prompt_input_ids"][:, :4])
+    assert compiled_calls == [1]  # a plain call does go through the compiled forward
+    generated = task.eval().generate_ids(batch)
+    assert compiled_calls == [1]  # generation never did
+    assert task.backbone._compiled_call_impl is spy  # and training stays compiled
+    torch.testing.assert_close(generated, eager_task.eval().generate_ids(batch), rtol=0, atol=0)
