@@ -150,12 +150,14 @@ class EfficiencyReport(Callback):
         self.filename = filename
         self.samples = 0
         self.tokens = self.padded_tokens = 0  # real and computed (padded) training tokens, where batches have a mask
-        self._tokens: Optional[torch.Tensor] = None  # this epoch's counts on the device, read once (no sync a step)
+        self._tokens: Optional[torch.Tensor] = None  # this epoch's real tokens on the device, read once (no sync a step)
         self.train_seconds = 0.0  # time inside training epochs, validation excluded
         self.fit_seconds = 0.0
         self._t_fit = self._t_epoch = self._t_val = 0.0
         self._val_in_epoch = 0.0
         self._prior_fit = 0.0  # fit time before a resume, from the checkpoint
+        self._rank = 0  # a checkpoint holds every rank's counts summed: rank zero alone carries them on
+        self._counts_tokens = True  # False after resuming from a checkpoint that did not count tokens
 
     # ---- carried in checkpoints: a resumed run counts the time before it, a test run reports it ----
     def state_dict(self) -> dict[str, float]:
@@ -166,11 +168,32 @@ class EfficiencyReport(Callback):
                 "train_seconds": self.train_seconds + epoch, "samples": self.samples,
                 "tokens": self.tokens, "padded_tokens": self.padded_tokens}
 
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Every rank saves (Lightning calls this on each), rank zero writes: the counts it writes are
+        all ranks' together, so a resume under any number of processes goes on from the true totals."""
+        saved = checkpoint.get("callbacks", {}).get(self.state_key)
+        if saved is not None and trainer.world_size > 1:
+            saved["samples"], saved["tokens"], saved["padded_tokens"] = self._summed(
+                trainer, saved["samples"], saved["tokens"], saved["padded_tokens"])
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._rank = trainer.global_rank  # before a resume loads the state
+
     def load_state_dict(self, state: dict[str, float]) -> None:
         self._prior_fit = float(state.get("fit_seconds", 0.0))
         self.train_seconds = float(state.get("train_seconds", 0.0))
-        self.samples = int(state.get("samples", 0))
-        self.tokens, self.padded_tokens = int(state.get("tokens", 0)), int(state.get("padded_tokens", 0))
+        self._counts_tokens = "tokens" in state  # an older checkpoint: the tokens before it are unknown
+        if self._rank == 0:  # the saved counts are all ranks' together; the other ranks start from zero
+            self.samples = int(state.get("samples", 0))
+            self.tokens, self.padded_tokens = int(state.get("tokens", 0)), int(state.get("padded_tokens", 0))
+        else:
+            self.samples = self.tokens = self.padded_tokens = 0
+
+    @staticmethod
+    def _summed(trainer: Trainer, *counts: int) -> list[int]:
+        """Counts summed over the ranks, exactly (int64: float32 is exact only up to 2**24 tokens)."""
+        local = torch.tensor(counts, dtype=torch.int64, device=trainer.strategy.root_device)
+        return [int(x) for x in trainer.strategy.reduce(local, reduce_op="sum").tolist()]
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         path = trainer.ckpt_path
@@ -200,15 +223,15 @@ class EfficiencyReport(Callback):
             self.samples += len(first)
             mask = batch.get("attention_mask")
             if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-                counts = torch.stack([mask.sum(), torch.tensor(mask.numel(), device=mask.device)])
-                self._tokens = counts if self._tokens is None else self._tokens + counts
+                real = mask.sum(dtype=torch.int64)  # stays on the device: no sync a step
+                self._tokens = real if self._tokens is None else self._tokens + real
+                self.padded_tokens += mask.numel()  # the shape is known on the host
         elif isinstance(batch, (list, tuple)) and batch:
             self.samples += len(batch[0])
 
     def _read_tokens(self) -> None:
         if self._tokens is not None:
-            real, computed = self._tokens.tolist()
-            self.tokens, self.padded_tokens = self.tokens + int(real), self.padded_tokens + int(computed)
+            self.tokens += int(self._tokens.item())
             self._tokens = None
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -264,11 +287,10 @@ class EfficiencyReport(Callback):
             self._read_tokens()
             samples, tokens, padded = self.samples, self.tokens, self.padded_tokens
             if trainer.world_size > 1:  # every rank's share of the batches (collective: every rank computes figures)
-                counts = torch.tensor([float(samples), float(tokens), float(padded)], device=trainer.strategy.root_device)
-                samples, tokens, padded = (int(x) for x in trainer.strategy.reduce(counts, reduce_op="sum").tolist())
+                samples, tokens, padded = self._summed(trainer, samples, tokens, padded)
             per_s = (lambda n: round(n / self.train_seconds, 2)) if self.train_seconds else (lambda n: None)
             figures.update(train_time_s=round(self.fit_seconds, 2), train_samples=samples, samples_per_s=per_s(samples))
-            if padded:
+            if padded and self._counts_tokens:
                 figures.update(train_tokens=tokens, tokens_per_s=per_s(tokens), padded_tokens_per_s=per_s(padded),
                                padding_ratio=round(padded / max(tokens, 1), 4))
         return figures

@@ -65,3 +65,28 @@ def test_test_metrics_are_synced_over_ranks(ddp_fit, tmp_path) -> None:
     assert scores["two"]["world_size"] == 2
     assert scores["two"]["test_acc"] == pytest.approx(scores["one"]["test_acc"], abs=1e-6)
     assert scores["two"]["test_loss"] == pytest.approx(scores["one"]["test_loss"], rel=1e-5)
+
+
+def test_a_resumed_run_counts_every_ranks_tokens_once(ddp_fit, tiny_bert, toy_data, tmp_path) -> None:
+    """The checkpoint carries both ranks' counts summed, and rank zero alone carries them on: a
+    second epoch resumed over two processes, or over one, reports the two epochs' tokens exactly
+    (each epoch sees every row once), not rank zero's share counted on every rank."""
+    from lit_peft.backbones import load_tokenizer
+    from lit_peft.data import SST2Data
+
+    config, folder = ddp_fit
+    ckpt = next((folder / "runs" / "toy" / "version_0" / "checkpoints").glob("*.ckpt"))
+    data = SST2Data(data_dir=str(toy_data), batch_size=32, max_length=16)
+    data._tokenizer = lambda: load_tokenizer(tiny_bert)
+    data.setup("fit")
+    tokens = int(data.datasets["train"].lengths().sum())
+    first = json.loads((folder / "runs" / "toy" / "version_0" / "summary.json").read_text())
+    assert first["train_tokens"] == tokens
+    for name, extra in (("two", DDP), ("one", ())):
+        done = lit_peft("fit", "--config", str(config), "--ckpt_path", str(ckpt), "--trainer.max_epochs", "2",
+                        "--trainer.logger.init_args.save_dir", str(tmp_path / name), *extra, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        summary = json.loads((tmp_path / name / "toy" / "version_0" / "summary.json").read_text())
+        assert summary["train_samples"] == 2 * 256, name
+        assert summary["train_tokens"] == 2 * tokens, name
+        assert 1.0 <= summary["padding_ratio"] < first["padding_ratio"] * 1.5, name
