@@ -1,8 +1,8 @@
 """Write what ``predict`` returns to a file in the run folder, one line per example.
 
 A task's ``predict_step`` returns a dict of per-example lists (``{"pred": [...], "probs": [...]}``);
-this writer, built on Lightning's ``BasePredictionWriter``, splits them into examples as batches
-arrive, so nothing is held in memory. Where the rows go is the task's to say:
+this writer, built on Lightning's ``BasePredictionWriter``, splits them into examples and writes
+them out as batches arrive. Where the rows go is the task's to say:
 
 - ``prediction_file``: the default file name (``predictions.jsonl``; a forecaster's ``forecasts.csv``).
   A ``.jsonl`` file gets one JSON object per example, a ``.csv`` file the rows of
@@ -13,7 +13,8 @@ arrive, so nothing is held in memory. Where the rows go is the task's to say:
 Batches may come in another order than the dataset's (text is predicted longest row first, see
 ``LengthSorted``; under DDP each rank has its share), so each rank writes its examples, with their
 dataset indices, to a part file; at the end rank zero writes the one file (and the plots) in dataset
-order and removes the parts.
+order and removes the parts. Only each example's index and place in its part are held in memory
+while it does (two numbers an example); a failed run removes its parts.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.path, self.plots = path, plots
         self._file = None
+        self.written: Optional[Path] = None
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         default = getattr(pl_module, "prediction_file", "predictions.jsonl")
@@ -59,7 +61,6 @@ class PredictionWriter(BasePredictionWriter):
         self._table = getattr(pl_module, "prediction_table", lambda example: [example])
         self._last: dict[str, dict[str, Any]] = {}
         self._csv: Optional[csv.DictWriter] = None
-        self._seen = 0
         self._part = self.part_file(trainer.global_rank)  # this rank's rows, merged in dataset order at the end
         self._file = self._part.open("w")
 
@@ -73,10 +74,18 @@ class PredictionWriter(BasePredictionWriter):
         keys = list(prediction)
         for j, values in enumerate(zip(*(prediction[k] for k in keys))):
             example = dict(zip(keys, values))
-            # the dataset index Lightning tracks for writers; else the predict sampler's order (rank::world)
-            index = batch_indices[j] if batch_indices else self._seen * trainer.world_size + trainer.global_rank
-            self._file.write(json.dumps({"index": int(index), "example": example}) + "\n")
-            self._seen += 1
+            if not batch_indices:  # rows run longest first: without their indices the order cannot be restored
+                raise ConfigError("the predict loader gave no dataset indices, so predictions cannot be written in "
+                                  "the data's order; give predict a map-style dataset (one with __getitem__)")
+            self._file.write(f"{int(batch_indices[j])}\t{json.dumps(example)}\n")
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """A failed predict leaves no part file behind (the earlier run's results were never touched)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if getattr(self, "written", None) is not None:
+            self.part_file(trainer.global_rank).unlink(missing_ok=True)
 
     def _emit(self, example: dict[str, Any]) -> None:
         if self.plots:
@@ -99,15 +108,36 @@ class PredictionWriter(BasePredictionWriter):
         if not trainer.is_global_zero:
             return
         parts = [self.part_file(rank) for rank in range(trainer.world_size)]
-        rows = sorted((json.loads(line) for part in parts for line in part.open()), key=lambda r: r["index"])
-        seen: set[int] = set()
+        places = []  # (dataset index, part, offset of the line in the part)
+        for p, part in enumerate(parts):
+            with part.open("rb") as lines:
+                offset = 0
+                for line in lines:
+                    places.append((int(line[:line.index(b"\t")]), p, offset))
+                    offset += len(line)
+        places.sort()
         self._file = self.written.open("x", newline="")
-        for row in rows:
-            if row["index"] not in seen:  # the sampler pads no rank in predict, but be sure
-                seen.add(row["index"])
-                self._emit(row["example"])
-        self._file.close()
-        self._file = None
+        readers = [part.open("rb") for part in parts]
+        try:
+            last = None
+            for index, p, offset in places:
+                if index != last:  # the sampler pads no rank in predict, but be sure
+                    readers[p].seek(offset)
+                    self._emit(json.loads(readers[p].readline().split(b"\t", 1)[1]))
+                    last = index
+        except BaseException:
+            self._file.close()
+            self._file = None
+            self.written.unlink(missing_ok=True)  # ours ("x" made it) and incomplete: a rerun may write it
+            for part in parts:  # every rank is done with its part (the barrier)
+                part.unlink(missing_ok=True)
+            raise
+        finally:
+            for reader in readers:
+                reader.close()
+            if self._file is not None:
+                self._file.close()
+                self._file = None
         for part in parts:
             part.unlink()
         print(f"[lit-peft] predictions: {self.written}")

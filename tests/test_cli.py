@@ -167,6 +167,41 @@ def test_predictions_keep_the_file_order_though_batches_run_longest_first(fitted
     assert len({round(r["probs"][0], 4) for r in out["true"]}) > 5  # the rows differ, so an order slip would show
 
 
+def test_a_failed_predict_leaves_no_parts_and_no_half_file(fitted, tmp_path, monkeypatch) -> None:
+    """A predict that fails on its third batch leaves neither its part file nor a predictions file
+    (a rerun to the same path then works), and a loader without dataset indices gets one message."""
+    from lit_peft.errors import ConfigError
+    from lit_peft.predictions import PredictionWriter
+    from lit_peft.tasks import SequenceClassification
+
+    config, run = fitted
+    ckpt = next((run / "checkpoints").glob("*.ckpt"))
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": f"row {i} " * (1 + i % 5)}) + "\n" for i in range(20)))
+    args = ("predict", "--config", str(config), "--ckpt_path", str(ckpt), "--data", "lit_peft.data.TextClassificationData",
+            "--data.init_args.predict_file", str(tmp_path / "in.jsonl"), "--data.init_args.batch_size", "4",
+            "--predictions.path", str(tmp_path / "out" / "preds.jsonl"), "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "logs"))
+    step = SequenceClassification.predict_step
+
+    def failing(self, batch, batch_idx, *rest):
+        if batch_idx == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return step(self, batch, batch_idx, *rest)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SequenceClassification, "predict_step", failing)
+        with pytest.raises(RuntimeError, match="simulated"):
+            cli(*args)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # no part, no half-written file
+    cli(*args)
+    assert len((tmp_path / "out" / "preds.jsonl").read_text().splitlines()) == 20
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["preds.jsonl"]
+    writer = PredictionWriter(path=str(tmp_path / "other.jsonl"))
+    writer.written, writer._file = tmp_path / "other.jsonl", (tmp_path / ".part").open("w")
+    with pytest.raises(ConfigError, match="no dataset indices"):
+        writer.write_on_batch_end(None, None, {"pred": [1]}, None, None, 0, 0)
+
+
 def test_merge_and_export_commands(fitted, tmp_path, tiny_bert) -> None:
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
