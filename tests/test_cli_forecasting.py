@@ -42,7 +42,17 @@ def test_fit_and_test_report_errors_and_figures(forecast_run, tmp_path) -> None:
     summary = json.loads((run / "summary.json").read_text())
     assert SUMMARY_KEYS - TOKEN_KEYS <= summary.keys() and summary["task"] == "forecasting" and summary["method"] == "lora"
     assert not TOKEN_KEYS & summary.keys()  # windows are all one length: no tokens, no padding to report
-    assert 0 < summary["val_mse"] < summary["val_mse_original"] and 0 < summary["val_mae"]
+    # the original units: each series' error times its scale (train std; load's 2.1, temp's 0.73), so
+    # over both series the ratio lies between the smaller and the larger scale (squared for the mse)
+    from lit_peft.data import ForecastingData
+
+    data = ForecastingData(**yaml.safe_load(config.read_text())["data"]["init_args"])
+    data.setup("fit")
+    low, high = float(data.scale.min()), float(data.scale.max())
+    assert high / low > 2  # scales far enough apart that a metric in the wrong units would show
+    assert 0 < summary["val_mse"] and 0 < summary["val_mae"]
+    assert low**2 * (1 - 1e-4) <= summary["val_mse_original"] / summary["val_mse"] <= high**2 * (1 + 1e-4)
+    assert low * (1 - 1e-4) <= summary["val_mae_original"] / summary["val_mae"] <= high * (1 + 1e-4)
     ckpt = next((run / "checkpoints").glob("*.ckpt"))
     cli("test", "--config", str(config), "--ckpt_path", str(ckpt), "--trainer.logger.init_args.save_dir", str(tmp_path))
     tested = json.loads((tmp_path / "ts" / "version_0" / "summary.json").read_text())
