@@ -192,7 +192,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default="time_to_accuracy")
     parser.add_argument("--work", default=str(ROOT / "results" / "time_to_accuracy"))
-    parser.add_argument("--from_json", help="rebuild the tables from an earlier run's <name>.json, running nothing")
+    parser.add_argument("--from_json", nargs="+", help="rebuild the tables from earlier runs' <name>.json, running "
+                        "nothing; several files (the same rows, evaluations and target) are read as one study, so "
+                        "more seeds or ways can be added by a later run")
     parser.add_argument("--one", choices=WAYS + EXTRA_WAYS, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -203,10 +205,8 @@ def main() -> None:
 
     out = ROOT / "benchmarks" / "results"
     if args.from_json:
-        saved = json.loads(Path(args.from_json).read_text())
-        for key in ("rows", "eval_rows", "target", "seeds", "ways", "threads"):
-            setattr(args, key, saved["args"][key])
-        return write_report(args, saved["results"], out)
+        results = merged(args, [Path(f) for f in args.from_json])
+        return write_report(args, results, out)
     results: list[dict] = []
     for k, seed in enumerate(args.seeds):
         ways = args.ways[k % len(args.ways):] + args.ways[: k % len(args.ways)]  # each way first as often
@@ -237,6 +237,27 @@ def main() -> None:
     write_report(args, results, out)
 
 
+def merged(args, files: list[Path]) -> list[dict]:
+    """Every (way, seed) result of the files, with ``args`` set to the study they make together."""
+    results: list[dict] = []
+    args.seeds, args.ways = [], []
+    for number, file in enumerate(files):
+        saved = json.loads(file.read_text())
+        for key in ("rows", "eval_rows", "target", "threads"):
+            if number and saved["args"][key] != getattr(args, key):
+                sys.exit(f"{file}: {key}={saved['args'][key]}, but {files[0]} has {key}={getattr(args, key)}; "
+                         "only runs of the same study can be read together")
+            setattr(args, key, saved["args"][key])
+        for result in saved["results"]:
+            if any(r["way"] == result["way"] and r["seed"] == result["seed"] for r in results):
+                sys.exit(f"{file}: {result['way']} seed {result['seed']} is in an earlier file too; "
+                         "read each (way, seed) from one file")
+            results.append(result)
+        args.seeds += [s for s in saved["args"]["seeds"] if s not in args.seeds]
+        args.ways += [w for w in saved["args"]["ways"] if w not in args.ways]
+    return results
+
+
 def write_report(args, results: list[dict], out: Path) -> None:
     """The tables and the last line, from every (way, seed) result."""
     from lit_peft.report import welch
@@ -244,13 +265,17 @@ def write_report(args, results: list[dict], out: Path) -> None:
     by_way = {w: [r for r in results if r["way"] == w] for w in args.ways}
     lines = [f"LoRA r=8 (every linear layer) on all-MiniLM-L6-v2, SST-2 train rows={args.rows} batch={BATCH}, dev accuracy "
              f"every {args.eval_rows} rows, target {args.target:.0%}, seeds {args.seeds}, threads={args.threads}, CPU", "",
-             f"| way | time to {args.target:.0%} (s, mean ± std) | reached | final dev accuracy (mean ± std) | padding ratio | "
-             "wall time (s) | every seed: time to target / final accuracy |", "|---|---|---|---|---|---|---|"]
+             f"| way | time to {args.target:.0%} (s, mean ± std) | reached | rows to {args.target:.0%} (mean) | "
+             "final dev accuracy (mean ± std) | padding ratio | wall time (s) | every seed: time to target / final "
+             "accuracy |", "|---|---|---|---|---|---|---|---|"]
     for way, rows in by_way.items():
         times = [r["tta_s"] for r in rows if r["tta_s"] is not None]
+        # time to target = rows to target x seconds a row: this column is the learning, wall time the speed
+        to_rows = [next(p["rows"] for p in r["curve"] if p["acc"] >= args.target) for r in rows if r["tta_s"] is not None]
         per_seed = ", ".join(f"{r['tta_s']:.0f} s / {r['final_acc']:.4f}" if r["tta_s"] else f"not reached / {r['final_acc']:.4f}"
                              for r in rows)
-        lines.append(f"| {way} | {seconds(times)} | {len(times)} of {len(rows)} | "
+        rows_cell = f"{statistics.mean(to_rows):.0f}" if to_rows else "–"
+        lines.append(f"| {way} | {seconds(times)} | {len(times)} of {len(rows)} | {rows_cell} | "
                      f"{spread([r['final_acc'] for r in rows])} | {statistics.mean(r['padding_ratio'] for r in rows):.3f} | "
                      f"{statistics.mean(r['curve'][-1]['seconds'] for r in rows):.0f} | {per_seed} |")
 
