@@ -1,5 +1,7 @@
 """``compile: true``: the backbone runs through ``torch.compile`` once the method has rewritten
-it, for a peft-based method (LoRA) and one lit-peft implements itself (Houlsby adapters). The
+it, for each kind of rewrite: peft's adapters (LoRA; DoRA's weight-norm magnitude), lit-peft's own
+modules (Houlsby adapters; SIFT's sparse deltas; RoSA's sparse deltas beside peft's LoRA) and an
+optimizer that projects full gradients (GaLore). The
 compiled fit trains the same weights as an eager one (up to the compiled kernels' rounding), its
 checkpoint holds the same keys, and a compiled run resumed from a mid-run checkpoint ends where
 the uninterrupted compiled run does.
@@ -22,12 +24,25 @@ from lit_peft.tasks import SequenceClassification
 from tests.conftest import quiet_trainer
 
 STEPS, MID = 6, 3
-METHODS = {"lora": lambda: methods.LoRA(r=4, alpha=8), "houlsby": lambda: methods.Houlsby(bottleneck=8)}
+METHODS = {
+    "lora": lambda: methods.LoRA(r=4, alpha=8),
+    "dora": lambda: methods.DoRA(r=4, alpha=8),
+    "houlsby": lambda: methods.Houlsby(bottleneck=8),
+    "sift": lambda: methods.SIFT(density=0.05, selection_batches=4),
+    "rosa": lambda: methods.RoSA(r=4, alpha=8, density=0.1, selection_batches=4),
+    "galore": lambda: methods.GaLore(rank=8, update_proj_gap=10, scale=1.0),
+}
+LR = {"galore": 3e-3}  # every weight trains: a smaller step, as in tests/methods
+# An attention key's bias has a gradient that is zero but for rounding (softmax ignores a shift that
+# every key shares), and Adam turns that rounding into steps of the learning rate's size, which any
+# two sets of kernels take differently: where a method trains it (GaLore), it is not compared.
+ROUNDING_ONLY = "attention.self.key.bias"
 
 
 def fit(tiny_bert: str, toy_data: Path, method: str, compiled: bool, folder: Path, ckpt: Path | None = None):
     seed_everything(0)  # the adapters' initial weights
-    task = SequenceClassification(backbone=tiny_bert, learning_rate=1e-2, warmup_ratio=0.0, compile=compiled)
+    task = SequenceClassification(backbone=tiny_bert, learning_rate=LR.get(method, 1e-2), warmup_ratio=0.0,
+                                  compile=compiled)
     data = SST2Data(data_dir=str(toy_data), batch_size=16, max_length=16)
     saver = ModelCheckpoint(dirpath=folder, filename="{step}", every_n_train_steps=MID, save_top_k=-1)
     quiet_trainer(max_steps=STEPS, callbacks=[METHODS[method](), saver], enable_checkpointing=True,
@@ -46,7 +61,7 @@ def test_a_compiled_fit_trains_what_an_eager_one_does_and_resumes_exactly(method
         task, compiled = fit(tiny_bert, toy_data, method, True, tmp_path / "compiled")
     assert getattr(task.backbone, "_compiled_call_impl", None) is not None  # it did run compiled
     assert compiled.keys() == eager.keys()
-    for key in eager:
+    for key in (k for k in eager if ROUNDING_ONLY not in k):
         # Adam divides each coordinate's step by its gradient's size, so where a gradient is near zero
         # the compiled kernels' rounding moves a weight by up to ~1e-4 in 6 steps (seen on LoRA's
         # layer-0 query B); training different weights would move them by ~lr x steps = 6e-2
