@@ -163,8 +163,14 @@ def one(args) -> None:
     print("RESULT " + json.dumps({"way": args.one, "seed": args.seed, **result}), flush=True)
 
 
+def first_at(curve: list[dict], target: float) -> dict | None:
+    """The first evaluation at or above the target, if any."""
+    return next((point for point in curve if point["acc"] >= target), None)
+
+
 def time_to(curve: list[dict], target: float) -> float | None:
-    return next((point["seconds"] for point in curve if point["acc"] >= target), None)
+    point = first_at(curve, target)
+    return point["seconds"] if point else None
 
 
 def spread(values: list[float]) -> str:
@@ -240,6 +246,7 @@ def main() -> None:
 def merged(args, files: list[Path]) -> list[dict]:
     """Every (way, seed) result of the files, with ``args`` set to the study they make together."""
     results: list[dict] = []
+    seen: set[tuple[str, int]] = set()
     args.seeds, args.ways = [], []
     for number, file in enumerate(files):
         saved = json.loads(file.read_text())
@@ -249,9 +256,10 @@ def merged(args, files: list[Path]) -> list[dict]:
                          "only runs of the same study can be read together")
             setattr(args, key, saved["args"][key])
         for result in saved["results"]:
-            if any(r["way"] == result["way"] and r["seed"] == result["seed"] for r in results):
+            if (result["way"], result["seed"]) in seen:
                 sys.exit(f"{file}: {result['way']} seed {result['seed']} is in an earlier file too; "
                          "read each (way, seed) from one file")
+            seen.add((result["way"], result["seed"]))
             results.append(result)
         args.seeds += [s for s in saved["args"]["seeds"] if s not in args.seeds]
         args.ways += [w for w in saved["args"]["ways"] if w not in args.ways]
@@ -271,7 +279,7 @@ def write_report(args, results: list[dict], out: Path) -> None:
     for way, rows in by_way.items():
         times = [r["tta_s"] for r in rows if r["tta_s"] is not None]
         # time to target = rows to target x seconds a row: this column is the learning, wall time the speed
-        to_rows = [next(p["rows"] for p in r["curve"] if p["acc"] >= args.target) for r in rows if r["tta_s"] is not None]
+        to_rows = [point["rows"] for point in (first_at(r["curve"], args.target) for r in rows) if point]
         per_seed = ", ".join(f"{r['tta_s']:.0f} s / {r['final_acc']:.4f}" if r["tta_s"] else f"not reached / {r['final_acc']:.4f}"
                              for r in rows)
         rows_cell = f"{statistics.mean(to_rows):.0f}" if to_rows else "–"
