@@ -1,4 +1,5 @@
-"""The method contract: a Callback that rewrites a task's backbone once, before training.
+"""The method contract: a transform of a task's backbone, applied once by the task's ``configure_model``
+(where Lightning builds models, before a strategy wraps them), and a Callback for what runs per step.
 
 A method says what it changes (``apply``), which parameters train and in which optimizer groups
 (``param_groups``), what state of its own a checkpoint carries (``state_dict``), and how its
@@ -82,27 +83,24 @@ class Method(Callback, abc.ABC):
 
     # ---- applying -------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.attach(pl_module, trainer)
+        """Name this method to the task; the task applies it in ``configure_model``, which Lightning
+        calls after every callback's ``setup``, under the strategy's init context."""
+        self._check_task(pl_module)
+        pl_module.use_method(self)
 
     def attach(self, task: "PeftTask", trainer: Optional[Trainer] = None) -> None:
-        """Apply this method to ``task`` once; a second call (validate after fit, resume) is a no-op."""
-        if getattr(task, "method", None) is self:
-            return
-        if not hasattr(task, "configure_backbone"):
+        """Outside a Trainer (merge, export, tests): name this method to ``task`` and build the model
+        with it, as ``configure_model`` does in a run. A second call is a no-op."""
+        self._check_task(task)
+        task.use_method(self)
+        task.configure_model()
+
+    def _check_task(self, task: Any) -> None:
+        if not hasattr(task, "use_method"):
             raise ConfigError(
                 f"method '{self.name}' needs a lit-peft task (a subclass of lit_peft.tasks.PeftTask, which owns a "
                 f"`backbone`), but the model is a {type(task).__name__}; subclass a lit-peft task, or set `method: null`"
             )
-        if getattr(task, "method", None) is not None:
-            raise ConfigError(
-                f"the model already has method '{task.method.name}' applied; give one method per run "
-                f"(found '{self.name}' as well)"
-            )
-        task.configure_backbone(**self.backbone_kwargs(trainer))
-        self.apply(task, trainer)
-        task.method = self
-        self.task = task
-        task.check_trainable()
 
     def adopt_checkpoint(self, task: "PeftTask", checkpoint: dict[str, Any]) -> None:
         """Reshape to a checkpoint's recorded layout before its weights load (EVA's ranks); nothing by default."""

@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from lit_peft import backbones, checkpoints
+from lit_peft import backbones, checkpoints, sharding
 from lit_peft.errors import ConfigError
 from lit_peft.methods.base import Method, default_param_groups
 from lit_peft.schedules import lazy_schedule
@@ -116,7 +116,7 @@ class PeftTask(LightningModule, abc.ABC):
         """Load the pretrained model; ``kwargs`` go to ``from_pretrained``."""
 
     def configure_backbone(self, **kwargs: Any) -> nn.Module:
-        """Load the backbone once; methods pass loading options (quantization) before it exists."""
+        """Load the pretrained backbone once (no method applied); ``kwargs`` go to ``from_pretrained``."""
         if self.backbone is None:
             # from_pretrained returns eval mode, and Lightning keeps modules' modes: dropout must be on
             self.backbone = self.load_backbone(**kwargs).train()
@@ -124,10 +124,53 @@ class PeftTask(LightningModule, abc.ABC):
             raise ConfigError("the backbone is already loaded, so the method's loading options cannot apply")
         return self.backbone
 
+    def use_method(self, method: Optional[Method]) -> None:
+        """Name the method ``configure_model`` applies (a Method's ``setup`` calls this; Lightning runs
+        callbacks' ``setup`` before ``configure_model``). Naming the same one again is a no-op."""
+        if method is self.method:
+            return
+        if self.method is not None:
+            raise ConfigError(f"the model already has method '{self.method.name}' applied; give one method per run "
+                              f"(found '{method.name if method is not None else None}' as well)")
+        if self.backbone is not None:
+            raise ConfigError(f"method '{method.name}' was given after the backbone was built; name the method "
+                              "before the model is configured (it is applied in configure_model)")
+        self.method = method
+
     def configure_model(self) -> None:
-        self.configure_backbone()
+        """Build the model where Lightning builds models: the backbone loads (with the method's loading
+        options, under the strategy's init context: on the GPU itself where the strategy puts it
+        there), the method rewrites it, the strategy's own sharding (FSDP2) goes on, then ``compile``.
+        Lightning calls this once per ``fit`` / ``validate`` / ``test``; the model is built once."""
+        if self.backbone is not None:
+            return
+        trainer = self._trainer
+        if self.method is not None:
+            self.configure_backbone(**self.method.backbone_kwargs(trainer))
+            self.method.apply(self, trainer)
+            self.method.task = self
+        else:
+            self.configure_backbone()
+        self.check_trainable()
+        self.keep_trainable_in_float32()
+        if trainer is not None:
+            sharding.shard(self, trainer.strategy)
         if self.compile_backbone and getattr(self.backbone, "_compiled_call_impl", None) is None:
             self.backbone.compile()  # lazily: the first batch compiles; a new batch shape may recompile once
+
+    def keep_trainable_in_float32(self) -> None:
+        """Under mixed precision (autocast), frozen weights stay in the loading dtype (bf16 on a GPU) and
+        trained ones are upcast to float32, so the optimizer steps in full precision (bf16 keeps 8 bits
+        of mantissa: small updates vanish). Under FSDP1 a flat buffer holds one dtype, and without
+        autocast the layers would meet two dtypes, so there everything keeps the loading dtype."""
+        trainer = self._trainer
+        if trainer is None or sharding.is_fsdp1(trainer.strategy):
+            return
+        if not str(getattr(trainer.precision_plugin, "precision", "")).endswith("-mixed"):
+            return
+        for param in self.parameters():
+            if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+                param.data = param.data.float()
 
     def head_modules(self) -> list[str]:
         """Top-level modules of the backbone that form the task head; they always train."""
@@ -150,13 +193,12 @@ class PeftTask(LightningModule, abc.ABC):
         """A new task from the same arguments with a new instance of the same method applied."""
         task = build(self.spec())
         if self.method is not None:
-            build(self.method.spec()).attach(task)
-        else:
-            task.configure_backbone()
+            task.use_method(build(self.method.spec()))
+        task.configure_model()
         return task
 
     def spec(self) -> dict[str, Any]:
-        cls = type(self)
+        cls = sharding.task_class(self)  # under FSDP2 type(self) is a generated FSDP<Task>
         init_args = {k: v for k, v in self.hparams.items() if not k.startswith("_")}
         return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
 
@@ -220,9 +262,11 @@ class PeftTask(LightningModule, abc.ABC):
 
     # ---- checkpoints: only what trained, plus what rebuilds the run ---------------------------
     def trained_keys(self) -> set[str]:
+        """Canonical names (no FSDP / compile / activation-checkpointing segments) of what a checkpoint
+        keeps: the names of the gathered state dict, whichever strategy wrapped the model."""
         keys = (self.method.checkpoint_keys(self) if self.method is not None
                 else {name for name, p in self.named_parameters() if p.requires_grad})
-        return keys | self.running_stat_keys()
+        return {sharding.canonical(k) for k in keys | self.running_stat_keys()}
 
     def _batch_norms(self, trained: bool) -> list[tuple[str, nn.Module]]:
         return [(name, m) for name, m in self.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
@@ -250,8 +294,9 @@ class PeftTask(LightningModule, abc.ABC):
         self.keep_frozen_batch_norms()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keys = self.trained_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+        keys = self.trained_keys()  # canonical; the gathered state dict's names are too, except under compile
+        checkpoint["state_dict"] = {sharding.canonical(k): v for k, v in checkpoint["state_dict"].items()
+                                    if sharding.canonical(k) in keys}
         checkpoint["lit_peft"] = {
             "task": self.spec(),
             "method": self.method.spec() if self.method is not None else None,
@@ -267,8 +312,10 @@ class PeftTask(LightningModule, abc.ABC):
         checkpoints.check_belongs(checkpoint, self.spec(), self.method.spec() if self.method else None)
         if self.method is not None:
             self.method.adopt_checkpoint(self, checkpoint)
-        saved, expected = set(checkpoint["state_dict"]), self.trained_keys()
-        missing, unexpected = sorted(expected - saved), sorted(saved - set(self.state_dict()))
+        expected = self.trained_keys()
+        # a distributed checkpoint's weights are loaded by the strategy itself and are not in the dict
+        saved = set(checkpoint["state_dict"]) if "state_dict" in checkpoint else expected
+        missing, unexpected = sorted(expected - saved), sorted(saved - sharding.canonical_keys(self))
         if missing or unexpected:
             problem = f"lacks {len(missing)} trained weights (first: {missing[0]})" if missing else \
                 f"holds {len(unexpected)} weights this model does not have (first: {unexpected[0]})"

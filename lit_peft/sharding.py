@@ -1,0 +1,100 @@
+"""What lit-peft does for sharded and wrapped models: canonical parameter names, the task's own
+class behind a wrapper, and FSDP2 sharding in ``configure_model``.
+
+- Wrappers put their own names into parameter names: FSDP1 ``_fsdp_wrapped_module.``, activation
+  checkpointing ``_checkpoint_wrapped_module.``, ``torch.compile`` ``_orig_mod.``, DDP ``module.``
+  (only when a DDP module itself is asked). A checkpoint is decided on names without them
+  (``canonical``), which are the names of the gathered state dict every strategy saves, so a
+  checkpoint written under any strategy loads under any other.
+- FSDP2's ``fully_shard`` swaps a module's class for a generated ``FSDP<Name>`` subclass; a task
+  records ``task_class`` (its own class) in checkpoints, not the generated one.
+- Lightning's ``ModelParallelStrategy`` asks the LightningModule to apply its parallelism in
+  ``configure_model`` (Lightning does not shard for it). ``shard`` does that for every task:
+  ``fully_shard`` on each transformer block (the backbone's ``_no_split_modules`` classes, which
+  transformers keeps for exactly this purpose) and then on the backbone, over the strategy's data
+  parallel mesh, with bf16 parameters when the run's precision is bf16. ``FSDPStrategy`` (FSDP1)
+  wraps by itself in its ``setup``, from its ``auto_wrap_policy``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+#: wrapper segments in parameter names: FSDP1, activation checkpointing, torch.compile
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+_WRAPPER_RE = re.compile(r"(^|\.)(?:%s)(?=\.|$)" % "|".join(WRAPPER_SEGMENTS))
+
+
+def canonical(name: str) -> str:
+    """``name`` without wrapper segments: ``backbone._fsdp_wrapped_module.model.layers.0.\
+_checkpoint_wrapped_module.self_attn.q_proj.lora_A.default.weight`` -> ``backbone.model.layers.0.self_attn...``."""
+    return _WRAPPER_RE.sub("", name).lstrip(".")
+
+
+def canonical_keys(module: nn.Module) -> set[str]:
+    """Every parameter and buffer name of ``module``, canonical: what a gathered state dict names,
+    read without gathering anything (FSDP's ``state_dict`` is a collective)."""
+    names = {canonical(n) for n, _ in module.named_parameters()}
+    return names | {canonical(n) for n, _ in module.named_buffers()}
+
+
+def task_class(module: nn.Module) -> type:
+    """The module's own class, not one a wrapper generated for it (FSDP2's ``FSDP<Name>``)."""
+    for cls in type(module).__mro__:
+        if not cls.__module__.startswith("torch.distributed"):
+            return cls
+    return type(module)
+
+
+def is_fsdp1(strategy: Any) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(strategy, FSDPStrategy)
+
+
+def is_fsdp2(strategy: Any) -> bool:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(strategy, ModelParallelStrategy)
+
+
+def block_classes(backbone: nn.Module) -> set[type]:
+    """The transformer-block classes of a transformers model (``_no_split_modules``), found in it."""
+    base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    return {type(m) for m in backbone.modules() if type(m).__name__ in names}
+
+
+def shard(task: nn.Module, strategy: Any) -> None:
+    """FSDP2 under ``ModelParallelStrategy``: ``fully_shard`` each block, then the backbone, over the
+    data-parallel mesh. Nothing under any other strategy."""
+    if not is_fsdp2(strategy) or getattr(task, "_lit_peft_sharded", False):
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from lit_peft.errors import ConfigError
+
+    names = strategy.device_mesh.mesh_dim_names or ()
+    if "tensor_parallel" in names and strategy.device_mesh["tensor_parallel"].size() > 1:
+        raise ConfigError(
+            f"ModelParallelStrategy has tensor_parallel_size {strategy.device_mesh['tensor_parallel'].size()}; lit-peft "
+            "shards with FSDP2 over the data-parallel dimension only: set tensor_parallel_size: 1 and "
+            "data_parallel_size to the number of processes (configs/trainer/fsdp2.yaml)")
+    mesh = strategy.device_mesh["data_parallel"] if "data_parallel" in names else strategy.device_mesh
+    precision = str(getattr(strategy.precision_plugin, "precision", ""))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if precision.startswith("bf16-mixed") else MixedPrecisionPolicy()
+    blocks = block_classes(task.backbone)
+    for module in list(task.backbone.modules()):
+        if type(module) in blocks:
+            fully_shard(module, mesh=mesh, mp_policy=policy)
+    fully_shard(task.backbone, mesh=mesh, mp_policy=policy)
+    task._lit_peft_sharded = True
+
+
+def strategy_name(strategy: Optional[Any]) -> str:
+    return type(strategy).__name__ if strategy is not None else "none"
