@@ -28,21 +28,39 @@ def read(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
     if not path.exists():
         raise ConfigError(f"{what} '{path}' does not exist; give the .ckpt file that `lit-peft fit` wrote "
                           "(in <run folder>/checkpoints/)")
-    if path.is_dir():
+    if path.is_dir() and (path / "meta.pt").is_file():  # a sharded (distributed) checkpoint: FSDP1 or FSDP2
+        ckpt = read_sharded(path, what)
+    elif path.is_dir():
         found = sorted(path.glob("**/*.ckpt"))
         hint = f" (it holds {found[-1]})" if found else ""
         raise ConfigError(f"{what} '{path}' is a folder; give the .ckpt file itself{hint}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(path))
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as err:
-        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
-        raise ConfigError(f"{what} '{path}' cannot be read: it is truncated or not a PyTorch checkpoint "
-                          f"({type(err).__name__}: {reason}); use another checkpoint of the run") from err
+    else:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(path))
+        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as err:
+            reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+            raise ConfigError(f"{what} '{path}' cannot be read: it is truncated or not a PyTorch checkpoint "
+                              f"({type(err).__name__}: {reason}); use another checkpoint of the run") from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ConfigError(f"{what} '{path}' is not a Lightning checkpoint (no state_dict); give a .ckpt "
                           "written by `lit-peft fit`")
     if "lit_peft" not in ckpt:
         raise ConfigError(not_lit_peft(f"{what} '{path}'"))
+    return ckpt
+
+
+def read_sharded(path: Path, what: str) -> dict[str, Any]:
+    """A distributed checkpoint folder (FSDP ``state_dict_type: sharded``, FSDP2 ``save_distributed_checkpoint``)
+    read whole on the CPU by Lightning's own consolidation; a lit-peft one holds only what trained, so it is small."""
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    try:
+        ckpt = _load_distributed_checkpoint(path)
+    except Exception as err:  # noqa: BLE001 - torch's reader raises many kinds for a damaged folder
+        raise ConfigError(f"{what} '{path}' is a distributed checkpoint folder that cannot be read "
+                          f"({type(err).__name__}: {str(err)[:120]}); use another checkpoint of the run") from err
+    if "model" in ckpt and "state_dict" not in ckpt:  # FSDP1 names the weights "model"
+        ckpt["state_dict"] = ckpt.pop("model")
     return ckpt
 
 

@@ -71,7 +71,19 @@ def block_classes(backbone: nn.Module) -> set[type]:
 
 def shard(task: nn.Module, strategy: Any) -> None:
     """FSDP2 under ``ModelParallelStrategy``: ``fully_shard`` each block, then the backbone, over the
-    data-parallel mesh. Nothing under any other strategy."""
+    data-parallel mesh. Under FSDP1 (which wraps by itself) only the partial sharded load is installed
+    (``lit_peft.patches``). Nothing under any other strategy."""
+    if is_fsdp1(strategy):
+        from lit_peft.errors import ConfigError
+        from lit_peft.patches import partial_sharded_load
+
+        if strategy.world_size == 1 and any(not p.requires_grad for p in task.parameters()):
+            # FSDP1 on one process is NO_SHARD, where torch's use_orig_params path asserts on frozen parameters
+            # at the second step ("as_params=True type(prim_param)=Tensor", reproduced with torch alone)
+            raise ConfigError("FSDPStrategy (FSDP1) on one process cannot train a partly frozen model (torch's FSDP1 "
+                              "fails at its second step there); on one device drop the strategy, or use FSDP2: "
+                              "--config configs/trainer/fsdp2.yaml")
+        partial_sharded_load()
     if not is_fsdp2(strategy) or getattr(task, "_lit_peft_sharded", False):
         return
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

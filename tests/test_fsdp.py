@@ -1,0 +1,153 @@
+"""Sharded training on the CPU (gloo): a tiny Llama ``CausalLM`` with LoRA and with Houlsby adapters under
+Lightning's FSDP1 (``FSDPStrategy``: full and sharded state dicts) and FSDP2 (``ModelParallelStrategy``, which
+lit-peft's ``configure_model`` shards with ``fully_shard``), in one and two processes (``fsdp_worker.py``
+under ``torchrun``; it says which parts are Lightning's and the two CPU refusals it steps around).
+
+Each run: 8 steps with checkpoints at 4 and 8, then a run resumed from step 4. Checked here: the checkpoint
+holds exactly the trained tensors under canonical names (before lit-peft filtered on canonical names an
+FSDP1 checkpoint kept 0 of LoRA's 8) and the task's own class (FSDP2 renames it ``FSDPCausalLM``); the
+resumed run ends with the uninterrupted run's weights, bit for bit; the final checkpoint, written by a
+sharded run, loads into a plain one-process task, merges (``AutoModelForCausalLM``) and exports (PEFT's
+``PeftModel`` / lit-peft's ``load_adapter``) with the same logits."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+LORA_TENSORS = 2 * 2 * 2  # 2 layers x (q_proj, v_proj) x (A, B)
+HOULSBY_KEYS = ("adapter", "norm")  # Houlsby trains its adapters and the layer norms
+
+CASES = {
+    1: ["fsdp1-full:lora", "fsdp2:lora", "fsdp2:houlsby"],
+    2: ["fsdp1-full:lora", "fsdp1-sharded:lora", "fsdp2:lora", "fsdp1-full:houlsby", "fsdp2:houlsby"],
+}
+PARAMS = [(world, case) for world, cases in CASES.items() for case in cases]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tiny_llama, toy_gsm8k, tmp_path_factory) -> dict:
+    runs = {}
+    for world, cases in CASES.items():
+        out = tmp_path_factory.mktemp(f"fsdp-w{world}") / "results.json"
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+                               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                               str(HERE / "fsdp_worker.py"), tiny_llama, str(toy_gsm8k), str(out), *cases],
+                              capture_output=True, text=True, timeout=900)
+        errors = {p.name: p.read_text()[-2000:] for p in out.parent.glob("*.error")}
+        results = json.loads(out.read_text()) if out.exists() else {}
+        runs[world] = {"results": results, "errors": errors, "returncode": done.returncode, "tail": done.stderr[-3000:]}
+    return runs
+
+
+def _result(fsdp_runs, world: int, case: str) -> dict:
+    got = fsdp_runs[world]["results"].get(case)
+    if got is None:
+        run = fsdp_runs[world]
+        pytest.fail(f"no result for {case} on {world} process(es) (exit {run['returncode']}): {run['errors'] or run['tail']}")
+    return got
+
+
+def _final(folder: str) -> Path:
+    return Path(folder) / "step=8.ckpt"
+
+
+@pytest.mark.parametrize("world,case", PARAMS, ids=[f"{c}-{w}proc" for w, c in PARAMS])
+def test_sharded_run_saves_what_trained_and_resumes_exactly(world, case, fsdp_runs) -> None:
+    from lit_peft.checkpoints import read
+
+    got = _result(fsdp_runs, world, case)
+    if world == 1 and case.startswith("fsdp1"):
+        # FSDP1 in one process is NO_SHARD, where torch's FSDP fails on frozen parameters at step two: refused
+        assert "FSDP1" in got["refused"] and "fsdp2.yaml" in got["refused"]
+        return
+    kind, method = case.split(":")
+    assert got["first"]["task_class"] == "CausalLM"
+    if kind.startswith("fsdp1"):  # the names the model itself has carry FSDP1's wrapper segment
+        assert "_fsdp_wrapped_module" in got["first"]["named_parameters_sample"]
+    first, resumed, mid = read(_final(got["run"])), read(_final(got["resumed"])), read(Path(got["run"]) / "step=4.ckpt")
+    if kind == "fsdp1-sharded":
+        assert _final(got["run"]).is_dir()  # a distributed checkpoint folder, read whole by checkpoints.read
+    keys = set(first["state_dict"])
+    assert keys == set(got["first"]["trained_keys"]) == set(resumed["state_dict"])
+    assert not any("_fsdp_wrapped_module" in k or "_checkpoint_wrapped_module" in k for k in keys)
+    if method == "lora":
+        assert len(keys) == LORA_TENSORS and all("lora_" in k for k in keys)
+    else:
+        assert keys and all(any(part in k for part in HOULSBY_KEYS) for k in keys)
+    assert first["lit_peft"]["task"]["class_path"] == "lit_peft.tasks.causal_lm.CausalLM"
+    for key in keys:  # training moved the weights, and the resumed run lands on the same ones exactly
+        assert not torch.equal(first["state_dict"][key], mid["state_dict"][key]) or "lora_A" in key, key
+        torch.testing.assert_close(resumed["state_dict"][key], first["state_dict"][key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("world,case", [(2, "fsdp1-full:lora"), (2, "fsdp1-sharded:lora"), (2, "fsdp2:lora"),
+                                        (1, "fsdp2:lora"), (2, "fsdp2:houlsby")],
+                         ids=["fsdp1-full", "fsdp1-sharded", "fsdp2", "fsdp2-1proc", "fsdp2-houlsby"])
+def test_sharded_checkpoint_merges_and_exports_in_one_process(world, case, fsdp_runs, toy_gsm8k, tiny_llama, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from lit_peft.data import GSM8KData
+    from lit_peft.export import export_checkpoint, load_adapter, load_checkpoint, merge_checkpoint
+
+    got = _result(fsdp_runs, world, case)
+    ckpt = _final(got["run"])
+    data = GSM8KData(data_dir=str(toy_gsm8k), val_size=16, max_length=96, max_response_length=48, batch_size=8,
+                     tokenizer=tiny_llama)
+    data.setup("validate")
+    batch = next(iter(data.val_dataloader()))
+
+    def logits(model):
+        with torch.no_grad():
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    task = load_checkpoint(ckpt)  # a plain task, no strategy: the sharded run's weights on top
+    reference = logits(task.backbone)
+    untrained = logits(AutoModelForCausalLM.from_pretrained(tiny_llama).eval())
+    assert not torch.allclose(reference, untrained, atol=1e-4)  # the checkpoint's training is in there
+    if case.endswith("lora"):
+        merge_checkpoint(ckpt, tmp_path / "merged")
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        torch.testing.assert_close(logits(merged), reference, rtol=1e-4, atol=1e-4)
+        from peft import PeftModel
+
+        export_checkpoint(ckpt, tmp_path / "adapter")
+        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), tmp_path / "adapter").eval()
+        torch.testing.assert_close(logits(peft_model), reference, rtol=1e-4, atol=1e-4)
+    else:
+        export_checkpoint(ckpt, tmp_path / "adapter")
+        torch.testing.assert_close(logits(load_adapter(tmp_path / "adapter").backbone), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_canonical_names_drop_every_wrapper_segment() -> None:
+    from lit_peft.sharding import canonical
+
+    name = "backbone._fsdp_wrapped_module.model.layers.0._checkpoint_wrapped_module.self_attn.q_proj.lora_A.default.weight"
+    assert canonical(name) == "backbone.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    assert canonical("_orig_mod.backbone.x") == "backbone.x"
+    assert canonical("backbone.my_orig_mod_layer.weight") == "backbone.my_orig_mod_layer.weight"  # whole segments only
+
+
+def test_task_class_is_the_tasks_own_under_a_generated_wrapper_class() -> None:
+    from lit_peft.sharding import task_class
+    from lit_peft.tasks import CausalLM
+
+    # what fully_shard does: a class generated in torch.distributed with the task's class as a base
+    fsdp_module = type("FSDPModule", (), {"__module__": "torch.distributed.fsdp._fully_shard._fully_shard"})
+    generated = type("FSDPCausalLM", (fsdp_module, CausalLM), {"__module__": "torch.distributed.fsdp._fully_shard._fully_shard"})
+    assert generated.__name__ == "FSDPCausalLM"
+    assert task_class(object.__new__(generated)) is CausalLM
