@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -28,6 +28,10 @@ from torch import nn
 from lit_peft.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: loading dtypes beside DTYPES: ``auto`` is the checkpoint's own (config.json's ``dtype``), ``default`` is
+#: bf16 where the run computes in bf16 on a GPU and float32 otherwise (``PeftTask.loading_dtype``)
+LOADING_DTYPES = (*DTYPES, "auto", "default")
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def _minilm_path() -> str:
@@ -128,12 +132,28 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_tokenizer(name: str):
+def check_loading(dtype: str, attn_implementation: Optional[str]) -> None:
+    """Fail at construction on a typo in the loading options, and on flash attention that is not installed."""
+    if dtype not in LOADING_DTYPES:
+        raise ConfigError(f"unknown dtype '{dtype}'; choose one of {', '.join(LOADING_DTYPES)}")
+    if attn_implementation is not None and attn_implementation not in ATTENTION:
+        raise ConfigError(f"unknown attn_implementation '{attn_implementation}'; choose one of {', '.join(ATTENTION)}")
+    if attn_implementation in ("flash_attention_2", "flash_attention_3"):
+        import importlib.util
+
+        package = "flash_attn" if attn_implementation == "flash_attention_2" else "flash_attn_interface"
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(f"attn_implementation '{attn_implementation}' needs the {package} package (CUDA only): "
+                              "pip install flash-attn --no-build-isolation; or use sdpa")
+
+
+def load_tokenizer(name: str, **hub: Any):
+    """The backbone's tokenizer; ``hub`` takes ``revision`` and ``trust_remote_code``."""
     from transformers import AutoTokenizer
 
     source = resolve(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in hub.items() if v is not None})
     except OSError as err:
         raise ConfigError(f"could not load a tokenizer for backbone '{name}': {err}") from err
     if tokenizer.pad_token is None:
@@ -142,10 +162,18 @@ def load_tokenizer(name: str):
 
 
 def load_model(name: str, auto_class: Any, dtype: str = "float32", **kwargs: Any) -> nn.Module:
-    """``auto_class.from_pretrained`` on a resolved backbone name, with a clear error on failure."""
+    """``auto_class.from_pretrained`` on a resolved backbone name, with a clear error on failure.
+
+    ``dtype`` is a name of DTYPES or ``auto`` (the checkpoint's own). transformers builds the model on the
+    meta device and fills it from the (memory-mapped) safetensors file, in ``dtype``: no full-precision
+    copy is made first, and under a device context (Lightning's ``tensor_init_context`` on a GPU) the
+    weights go straight to that device. ``kwargs`` go to ``from_pretrained`` (``attn_implementation``,
+    ``revision``, ``trust_remote_code``, a method's quantization config); ``None`` values are left out."""
     source = resolve(name)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
-        model, info = auto_class.from_pretrained(source, dtype=torch_dtype(dtype), output_loading_info=True, **kwargs)
+        model, info = auto_class.from_pretrained(source, dtype=dtype if dtype == "auto" else torch_dtype(dtype),
+                                                 output_loading_info=True, **kwargs)
     except OSError as err:
         raise ConfigError(
             f"could not load backbone '{name}' ({err}). Give a local folder, a reachable hub id, "

@@ -1,6 +1,7 @@
 """QLoRA (Dettmers et al. 2023, arXiv 2305.14314) and QDoRA: LoRA or DoRA on a backbone whose
 linear layers are stored in 4 bits (NF4 or FP4, bitsandbytes), optionally with the quantization
-constants quantized again (double quantization), computing in ``compute_dtype``.
+constants quantized again (double quantization), computing in ``compute_dtype`` (by default the run's
+precision: bf16 under the GPU presets' bf16-mixed, float32 under 32-true).
 
 The backbone is quantized while it loads (transformers' ``BitsAndBytesConfig``), so the full
 precision model is never materialised; the task head stays in full precision and trains. bitsandbytes
@@ -55,14 +56,24 @@ def dequantize_linear4bit(module: nn.Module) -> nn.Linear:
     return linear
 
 
-def check_quant_type(quant_type: str, compute_dtype: str) -> None:
+def check_quant_type(quant_type: str, compute_dtype: Optional[str]) -> None:
     if quant_type not in ("nf4", "fp4"):
         raise ConfigError(f"quant_type must be 'nf4' or 'fp4', got '{quant_type}'")
-    torch_dtype(compute_dtype)
+    if compute_dtype is not None:
+        torch_dtype(compute_dtype)
+
+
+def follow_precision(trainer: Optional[Trainer], compute_dtype: Optional[str]) -> str:
+    """The 4-bit layers' compute dtype: as set, else the run's precision (bf16 under bf16-mixed or
+    bf16-true, as on a GPU preset; float16 under 16-*; float32 otherwise, the CPU's default)."""
+    if compute_dtype is not None:
+        return compute_dtype
+    precision = str(getattr(trainer.precision_plugin, "precision", "")) if trainer is not None else ""
+    return "bfloat16" if precision.startswith("bf16") else "float16" if precision.startswith("16") else "float32"
 
 
 def quantization_kwargs(trainer: Optional[Trainer], quant_type: str, double_quant: bool,
-                        compute_dtype: str) -> dict[str, Any]:
+                        compute_dtype: Optional[str]) -> dict[str, Any]:
     """``from_pretrained`` arguments that quantize the linear layers to 4 bits while loading, on
     the trainer's device; task and language-model heads stay in full precision."""
     from transformers import BitsAndBytesConfig
@@ -70,7 +81,7 @@ def quantization_kwargs(trainer: Optional[Trainer], quant_type: str, double_quan
     device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                                 bnb_4bit_use_double_quant=double_quant,
-                                bnb_4bit_compute_dtype=torch_dtype(compute_dtype),
+                                bnb_4bit_compute_dtype=torch_dtype(follow_precision(trainer, compute_dtype)),
                                 llm_int8_skip_modules=KEEP_FULL_PRECISION)
     return {"quantization_config": config, "device_map": {"": device}}
 
@@ -110,7 +121,7 @@ class QLoRA(LoRA):
 
     def __init__(self, r: int = 8, alpha: float = 16, dropout: float = 0.1, targets: Targets = "qv",
                  bias: str = "none", use_dora: bool = False, quant_type: str = "nf4", double_quant: bool = True,
-                 compute_dtype: str = "float32") -> None:
+                 compute_dtype: Optional[str] = None) -> None:
         super().__init__(r=r, alpha=alpha, dropout=dropout, targets=targets, bias=bias, use_dora=use_dora)
         check_quant_type(quant_type, compute_dtype)
         self.quant_type, self.double_quant, self.compute_dtype = quant_type, double_quant, compute_dtype
@@ -138,6 +149,6 @@ class QDoRA(QLoRA):
 
     def __init__(self, r: int = 8, alpha: float = 16, dropout: float = 0.1, targets: Targets = "qv",
                  bias: str = "none", quant_type: str = "nf4", double_quant: bool = True,
-                 compute_dtype: str = "float32") -> None:
+                 compute_dtype: Optional[str] = None) -> None:
         super().__init__(r=r, alpha=alpha, dropout=dropout, targets=targets, bias=bias, use_dora=True,
                          quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype)

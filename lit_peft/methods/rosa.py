@@ -33,7 +33,7 @@ class RoSA(SparseMixin, LoRA):
 
     def __init__(self, r: int = 8, alpha: float = 16, dropout: float = 0.1, targets: Targets = "qv",
                  density: float = 0.01, selection_batches: int = 8, quant_type: Optional[str] = None,
-                 double_quant: bool = True, compute_dtype: str = "float32") -> None:
+                 double_quant: bool = True, compute_dtype: Optional[str] = None) -> None:
         """
         Args:
             r, alpha, dropout, targets: the LoRA component, as for LoRA.

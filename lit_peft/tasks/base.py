@@ -67,7 +67,7 @@ class PeftTask(LightningModule, abc.ABC):
     def __init__(
         self,
         backbone: str = "minilm",
-        dtype: str = "float32",
+        dtype: str = "default",
         learning_rate: float = 1e-4,
         weight_decay: float = 0.01,
         lr_schedule: Literal["linear", "cosine", "constant"] = "linear",
@@ -75,11 +75,17 @@ class PeftTask(LightningModule, abc.ABC):
         lr_multipliers: Optional[dict[str, float]] = None,
         weight_decay_multipliers: Optional[dict[str, float]] = None,
         compile: bool = False,
+        attn_implementation: Optional[str] = "sdpa",
+        revision: Optional[str] = None,
+        trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> None:
         """
         Args:
             backbone: hub id, local folder, or a packaged alias (``minilm``).
-            dtype: weights' dtype when loaded: float32, bfloat16 or float16.
+            dtype: the weights' dtype as loaded: ``default`` (bf16 where the run computes in bf16 on a GPU,
+                as the GPU presets do; float32 otherwise, the CPU included), ``auto`` (the checkpoint's own),
+                float32, bfloat16 or float16. Under mixed precision the weights that train are kept in float32.
             learning_rate: peak learning rate (methods may scale it per parameter group).
             weight_decay: AdamW weight decay, not applied to biases and norms.
             lr_schedule: shape of the schedule after warm-up.
@@ -90,11 +96,21 @@ class PeftTask(LightningModule, abc.ABC):
             compile: run the backbone's forward (and backward) through ``torch.compile``, once the
                 method has rewritten it. Compiled in place (``nn.Module.compile``), so parameter names,
                 checkpoints and resumes are those of an uncompiled run. Generation is not compiled.
+            attn_implementation: transformers' attention kernel: ``sdpa`` (torch's fused attention), ``eager``,
+                ``flash_attention_2`` (needs the flash-attn package and a CUDA GPU), ``flex_attention``.
+            revision: the hub revision (branch, tag or commit) of backbone and tokenizer.
+            trust_remote_code: allow a hub backbone's own modelling code to run (off: only transformers' code).
+            gradient_checkpointing: recompute each block's activations in the backward pass (less activation
+                memory, about a third more compute); works with frozen embeddings and adapters. Under FSDP the
+                strategy's ``activation_checkpointing_policy`` does the same per wrapped block.
         """
         super().__init__()
         self.save_hyperparameters()  # what rebuilds this task (its class's own arguments under LightningCLI)
-        backbones.torch_dtype(dtype)  # fail early on a typo
+        backbones.check_loading(dtype, attn_implementation)  # fail early on a typo
         self.backbone_name, self.backbone_dtype, self.compile_backbone = backbone, dtype, compile
+        self.loading = SimpleNamespace(attn_implementation=attn_implementation, revision=revision,
+                                       trust_remote_code=trust_remote_code)
+        self.gradient_checkpointing = gradient_checkpointing
         self.optim = SimpleNamespace(lr=learning_rate, weight_decay=weight_decay, schedule=lr_schedule,
                                      warmup_ratio=warmup_ratio, multipliers=dict(lr_multipliers or {}),
                                      wd_multipliers=dict(weight_decay_multipliers or {}))
@@ -102,7 +118,8 @@ class PeftTask(LightningModule, abc.ABC):
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
         self.backbone: Optional[nn.Module] = None
         self.method: Optional[Method] = None
-        self.tokenizer = backbones.load_tokenizer(backbone) if self.uses_tokenizer else None
+        self.tokenizer = (backbones.load_tokenizer(backbone, revision=revision, trust_remote_code=trust_remote_code or None)
+                          if self.uses_tokenizer else None)
         self.strict_loading = False  # checkpoints hold only what trained; on_load_checkpoint checks the rest
 
     # ---- the backbone ------------------------------------------------------------------------
@@ -115,11 +132,36 @@ class PeftTask(LightningModule, abc.ABC):
     def load_backbone(self, **kwargs: Any) -> nn.Module:
         """Load the pretrained model; ``kwargs`` go to ``from_pretrained``."""
 
+    def loading_dtype(self) -> str:
+        """The ``dtype`` the backbone loads in, ``default`` resolved: bf16 (fp16) where the run's precision
+        is bf16 (16) on a CUDA device that has it, float32 elsewhere; the CPU keeps float32 unless asked."""
+        if self.backbone_dtype != "default":
+            return self.backbone_dtype
+        trainer = self._trainer
+        if trainer is None or trainer.strategy.root_device.type != "cuda":
+            return "float32"
+        precision = str(getattr(trainer.precision_plugin, "precision", ""))
+        if precision.startswith("bf16") and torch.cuda.is_bf16_supported():
+            return "bfloat16"
+        return "float16" if precision.startswith("16") else "float32"
+
+    def hub_kwargs(self) -> dict[str, Any]:
+        """``from_pretrained`` options of every backbone: attention kernel, revision, remote code."""
+        return {"attn_implementation": self.loading.attn_implementation, "revision": self.loading.revision,
+                "trust_remote_code": self.loading.trust_remote_code or None}
+
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        """The dtype the backbone's frozen weights hold (the first floating-point parameter's)."""
+        return next((p.dtype for p in self.backbone.parameters() if p.is_floating_point()), torch.float32)
+
     def configure_backbone(self, **kwargs: Any) -> nn.Module:
         """Load the pretrained backbone once (no method applied); ``kwargs`` go to ``from_pretrained``."""
         if self.backbone is None:
             # from_pretrained returns eval mode, and Lightning keeps modules' modes: dropout must be on
             self.backbone = self.load_backbone(**kwargs).train()
+            if self.gradient_checkpointing:
+                enable_gradient_checkpointing(self.backbone)
         elif kwargs:
             raise ConfigError("the backbone is already loaded, so the method's loading options cannot apply")
         return self.backbone
@@ -341,6 +383,22 @@ class PeftTask(LightningModule, abc.ABC):
             kind, keys, pos, has_gauss, gauss = rng["numpy"]
             np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
             self._rng_to_restore = None
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """transformers' gradient checkpointing (non-reentrant), with the embeddings' output made to require
+    grad, so checkpointed blocks behind frozen embeddings still propagate to their adapters."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"{type(model).__name__} does not support gradient checkpointing in transformers; "
+                          "set gradient_checkpointing: false")
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable  # renamed in 5.x
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        model.enable_input_require_grads()
+    except NotImplementedError:  # no input embeddings (a forecaster): its blocks' inputs come from trained layers
+        pass
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
 
 
 def forget_an_exhausted_train_iterator(checkpoint: dict[str, Any]) -> None:

@@ -44,7 +44,7 @@ class CausalLM(PeftTask):
     def __init__(
         self,
         backbone: str = "smollm2",
-        dtype: str = "float32",
+        dtype: str = "default",
         learning_rate: float = 2e-4,
         weight_decay: float = 0.0,
         lr_schedule: Literal["linear", "cosine", "constant"] = "cosine",
@@ -52,10 +52,13 @@ class CausalLM(PeftTask):
         lr_multipliers: Optional[dict[str, float]] = None,
         weight_decay_multipliers: Optional[dict[str, float]] = None,
         compile: bool = False,
+        attn_implementation: Optional[str] = "sdpa",
+        revision: Optional[str] = None,
+        trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
         metric: Literal["auto", "exact_match", "rouge"] = "auto",
         max_new_tokens: int = 256,
         generate_in_validation: bool = False,
-        gradient_checkpointing: bool = False,
         do_sample: bool = False,
         temperature: float = 0.7,
         top_p: float = 0.9,
@@ -67,7 +70,6 @@ class CausalLM(PeftTask):
             metric: what generations are scored with; ``auto`` takes the data module's.
             max_new_tokens: generation budget per prompt.
             generate_in_validation: also generate (and score) in validation, not only in test.
-            gradient_checkpointing: trade compute for activation memory.
             do_sample, temperature, top_p: sampling for ``predict`` (evaluation is always greedy).
             repetition_penalty, no_repeat_ngram_size: transformers' guards against the repetition loops
                 small models fall into under greedy decoding (1.0 and 0 are off); they apply to
@@ -75,7 +77,8 @@ class CausalLM(PeftTask):
         """
         super().__init__(backbone=backbone, dtype=dtype, learning_rate=learning_rate, weight_decay=weight_decay,
                          lr_schedule=lr_schedule, warmup_ratio=warmup_ratio, lr_multipliers=lr_multipliers,
-                         weight_decay_multipliers=weight_decay_multipliers, compile=compile)
+                         weight_decay_multipliers=weight_decay_multipliers, compile=compile, attn_implementation=attn_implementation, revision=revision,
+                         trust_remote_code=trust_remote_code, gradient_checkpointing=gradient_checkpointing)
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if repetition_penalty <= 0:
@@ -85,7 +88,7 @@ class CausalLM(PeftTask):
         self.metric_name = metric
         self.generation = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
                                repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
-        self.generate_in_validation, self.gradient_checkpointing = generate_in_validation, gradient_checkpointing
+        self.generate_in_validation = generate_in_validation
         self.val_exact_match, self.test_exact_match = torchmetrics.MeanMetric(), torchmetrics.MeanMetric()
         from torchmetrics.text.rouge import ROUGEScore
 
@@ -94,13 +97,10 @@ class CausalLM(PeftTask):
     def load_backbone(self, **kwargs: Any) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
-        model = backbones.load_model(self.backbone_name, AutoModelForCausalLM, dtype=self.backbone_dtype, **kwargs)
+        model = backbones.load_model(self.backbone_name, AutoModelForCausalLM, dtype=self.loading_dtype(),
+                                     **self.hub_kwargs(), **kwargs)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
-        if self.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still see a grad-requiring input
-            model.config.use_cache = False
         return model
 
     def setup(self, stage: str) -> None:

@@ -26,7 +26,7 @@ class SequenceClassification(PeftTask):
         self,
         backbone: str = "minilm",
         num_labels: int = 2,
-        dtype: str = "float32",
+        dtype: str = "default",
         learning_rate: float = 1e-4,
         weight_decay: float = 0.01,
         lr_schedule: Literal["linear", "cosine", "constant"] = "linear",
@@ -34,6 +34,10 @@ class SequenceClassification(PeftTask):
         lr_multipliers: Optional[dict[str, float]] = None,
         weight_decay_multipliers: Optional[dict[str, float]] = None,
         compile: bool = False,
+        attn_implementation: Optional[str] = "sdpa",
+        revision: Optional[str] = None,
+        trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> None:
         """
         Args:
@@ -41,7 +45,8 @@ class SequenceClassification(PeftTask):
         """
         super().__init__(backbone=backbone, dtype=dtype, learning_rate=learning_rate, weight_decay=weight_decay,
                          lr_schedule=lr_schedule, warmup_ratio=warmup_ratio, lr_multipliers=lr_multipliers,
-                         weight_decay_multipliers=weight_decay_multipliers, compile=compile)
+                         weight_decay_multipliers=weight_decay_multipliers, compile=compile, attn_implementation=attn_implementation, revision=revision,
+                         trust_remote_code=trust_remote_code, gradient_checkpointing=gradient_checkpointing)
         if num_labels < 2:
             raise ConfigError(f"num_labels must be at least 2, got {num_labels}")
         self.num_labels = num_labels
@@ -55,7 +60,8 @@ class SequenceClassification(PeftTask):
     def load_backbone(self, **kwargs: Any) -> nn.Module:
         from transformers import AutoModelForSequenceClassification
 
-        model = backbones.load_model(self.backbone_name, AutoModelForSequenceClassification, dtype=self.backbone_dtype, num_labels=self.num_labels, **kwargs)
+        model = backbones.load_model(self.backbone_name, AutoModelForSequenceClassification, dtype=self.loading_dtype(),
+                                     num_labels=self.num_labels, **self.hub_kwargs(), **kwargs)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         return model

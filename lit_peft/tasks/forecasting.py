@@ -62,7 +62,7 @@ class Forecasting(PeftTask):
     def __init__(
         self,
         backbone: Optional[str] = "timesfm-small",
-        dtype: str = "float32",
+        dtype: str = "default",
         learning_rate: float = 1e-4,
         weight_decay: float = 0.0,
         lr_schedule: Literal["linear", "cosine", "constant"] = "cosine",
@@ -70,6 +70,10 @@ class Forecasting(PeftTask):
         lr_multipliers: Optional[dict[str, float]] = None,
         weight_decay_multipliers: Optional[dict[str, float]] = None,
         compile: bool = False,
+        attn_implementation: Optional[str] = "sdpa",
+        revision: Optional[str] = None,
+        trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
         quantile_loss_weight: float = 2.0,
         quantile_reduction: Literal["sum", "mean"] = "sum",
         loss_on: Literal["last_patch", "all_patches"] = "last_patch",
@@ -89,7 +93,8 @@ class Forecasting(PeftTask):
         super().__init__(backbone=backbone if backbone is not None else "random-init", dtype=dtype,
                          learning_rate=learning_rate, weight_decay=weight_decay, lr_schedule=lr_schedule,
                          warmup_ratio=warmup_ratio, lr_multipliers=lr_multipliers,
-                         weight_decay_multipliers=weight_decay_multipliers, compile=compile)
+                         weight_decay_multipliers=weight_decay_multipliers, compile=compile, attn_implementation=attn_implementation, revision=revision,
+                         trust_remote_code=trust_remote_code, gradient_checkpointing=gradient_checkpointing)
         if quantile_loss_weight < 0:
             raise ConfigError(f"quantile_loss_weight must be 0 or more, got {quantile_loss_weight}")
         if quantile_reduction not in ("sum", "mean"):
@@ -119,10 +124,13 @@ class Forecasting(PeftTask):
             if kwargs:
                 raise ConfigError("a model built from_config has no pretrained weights to quantize; load a backbone")
             config = transformers.AutoConfig.for_model(**self.from_config)
-            return getattr(transformers, ARCHITECTURES[config.model_type])(config).to(backbones.torch_dtype(self.backbone_dtype))
+            dtype = self.loading_dtype()
+            model = getattr(transformers, ARCHITECTURES[config.model_type])(config)
+            return model if dtype == "auto" else model.to(backbones.torch_dtype(dtype))
         source = backbones.resolve(self.backbone_name)
         try:
-            config = transformers.AutoConfig.from_pretrained(source)
+            config = transformers.AutoConfig.from_pretrained(source, **{k: v for k, v in self.hub_kwargs().items()
+                                                                    if k in ('revision', 'trust_remote_code')})
         except (OSError, ValueError) as err:
             raise ConfigError(f"could not load backbone '{self.backbone_name}' ({err}). Give a local folder, a reachable "
                               f"hub id, or one of the packaged backbones {sorted(backbones.PACKAGED)}") from err
@@ -134,7 +142,7 @@ class Forecasting(PeftTask):
                               f"(num_input_channels: 1); this one has loss={config.loss!r}, "
                               f"num_input_channels={config.num_input_channels}")
         return backbones.load_model(self.backbone_name, getattr(transformers, ARCHITECTURES[config.model_type]),
-                                    dtype=self.backbone_dtype, **kwargs)
+                                    dtype=self.loading_dtype(), **self.hub_kwargs(), **kwargs)
 
     @property
     def model(self) -> nn.Module:
@@ -170,7 +178,7 @@ class Forecasting(PeftTask):
     # ---- forecasting -------------------------------------------------------------------------
     def forecast(self, past_values: torch.Tensor, freq: torch.Tensor, horizon: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(mean (B, horizon), quantiles (B, horizon, Q) or None) from contexts (B, T)."""
-        past_values = past_values.to(backbones.torch_dtype(self.backbone_dtype))
+        past_values = past_values.to(self.weights_dtype)
         if self.architecture == "patchtst":
             return self._patchtst(past_values, horizon), None
         out = self._timesfm_steps(past_values, freq, horizon)
