@@ -6,7 +6,8 @@ top-level keys of our own, both Callbacks that join ``trainer.callbacks``:
 
 - ``method``: the fine-tuning method (default: full fine-tuning),
 - ``report``: the efficiency figures and ``summary.json`` (on by default),
-- ``predictions``: where ``predict`` writes (JSONL, or CSV for forecasts; the run folder by default).
+- ``predictions``: where ``predict`` writes (JSONL, or CSV for forecasts; the run folder by default),
+- ``matmul_precision``: ``torch.set_float32_matmul_precision`` (``high``: TF32 on GPUs; the GPU presets).
 
 ``merge`` and ``export`` turn a checkpoint into a merged transformers model folder or a PEFT
 adapter folder; ``slurm`` renders an sbatch script from a template in ``slurm/`` and submits it;
@@ -21,7 +22,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -82,7 +83,9 @@ class LitPeftCLI(LightningCLI):
         parser.set_defaults({"method": {"class_path": "lit_peft.methods.FullFineTune"}})
         parser.add_lightning_class_args(EfficiencyReport, "report")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
-
+        parser.add_argument("--matmul_precision", type=Optional[Literal["highest", "high", "medium"]], default=None,
+                            help="torch.set_float32_matmul_precision before the run: high lets float32 matmuls use "
+                                 "TF32 tensor cores on Ampere and later GPUs (the GPU presets); unset: torch's default")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         from jsonargparse import ArgumentError
@@ -102,7 +105,12 @@ class LitPeftCLI(LightningCLI):
             checkpoints.read(ckpt_path, "--ckpt_path")
 
     def before_instantiate_classes(self) -> None:
-        runs_under_root((self.config[self.subcommand] if self.subcommand else self.config)["trainer"])
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("matmul_precision"):
+            import torch
+
+            torch.set_float32_matmul_precision(config["matmul_precision"])
+        runs_under_root(config["trainer"])
         if self.subcommand == "fit":  # in a Slurm batch job: the job's own run folder
             slurm.key_run_folder(self.config["fit"]["trainer"])
 

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Literal, Optional
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from lit_peft import backbones, checkpoints, sharding
@@ -79,6 +80,8 @@ class PeftTask(LightningModule, abc.ABC):
         revision: Optional[str] = None,
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
+        optimizer: Optional[OptimizerCallable] = None,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
     ) -> None:
         """
         Args:
@@ -103,9 +106,18 @@ class PeftTask(LightningModule, abc.ABC):
             gradient_checkpointing: recompute each block's activations in the backward pass (less activation
                 memory, about a third more compute); works with frozen embeddings and adapters. Under FSDP the
                 strategy's ``activation_checkpointing_policy`` does the same per wrapped block.
+            optimizer: any optimizer by ``class_path`` (LightningCLI's ``OptimizerCallable``), built over the
+                method's parameter groups (their learning rates and weight decays win over its own):
+                ``torch.optim.AdamW`` with ``fused: true``, ``bitsandbytes.optim.PagedAdamW8bit`` for QLoRA
+                (``configs/optim/``). Unset: torch's AdamW (fused where it can be) with ``learning_rate``.
+            lr_scheduler: any scheduler by ``class_path`` (``LRSchedulerCallable``), stepped every optimizer
+                step; unset: warm-up then ``lr_schedule``.
         """
         super().__init__()
-        self.save_hyperparameters()  # what rebuilds this task (its class's own arguments under LightningCLI)
+        # what rebuilds this task (its class's own arguments under LightningCLI); the optimizer is the run's,
+        # not the model's, and a checkpoint records it in the optimizer state
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         backbones.check_loading(dtype, attn_implementation)  # fail early on a typo
         self.backbone_name, self.backbone_dtype, self.compile_backbone = backbone, dtype, compile
         self.loading = SimpleNamespace(attn_implementation=attn_implementation, revision=revision,
@@ -118,6 +130,7 @@ class PeftTask(LightningModule, abc.ABC):
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
         self.backbone: Optional[nn.Module] = None
         self.method: Optional[Method] = None
+        self._built = False  # configure_model has run: backbone loaded, method applied
         self.tokenizer = (backbones.load_tokenizer(backbone, revision=revision, trust_remote_code=trust_remote_code or None)
                           if self.uses_tokenizer else None)
         self.strict_loading = False  # checkpoints hold only what trained; on_load_checkpoint checks the rest
@@ -174,8 +187,8 @@ class PeftTask(LightningModule, abc.ABC):
         if self.method is not None:
             raise ConfigError(f"the model already has method '{self.method.name}' applied; give one method per run "
                               f"(found '{method.name if method is not None else None}' as well)")
-        if self.backbone is not None:
-            raise ConfigError(f"method '{method.name}' was given after the backbone was built; name the method "
+        if self._built:
+            raise ConfigError(f"method '{method.name}' was given after the model was built; name the method "
                               "before the model is configured (it is applied in configure_model)")
         self.method = method
 
@@ -183,8 +196,9 @@ class PeftTask(LightningModule, abc.ABC):
         """Build the model where Lightning builds models: the backbone loads (with the method's loading
         options, under the strategy's init context: on the GPU itself where the strategy puts it
         there), the method rewrites it, the strategy's own sharding (FSDP2) goes on, then ``compile``.
-        Lightning calls this once per ``fit`` / ``validate`` / ``test``; the model is built once."""
-        if self.backbone is not None:
+        Lightning calls this once per ``fit`` / ``validate`` / ``test``; the model is built once. A
+        backbone loaded before (``configure_backbone``) gets the method applied to it."""
+        if self._built:
             return
         trainer = self._trainer
         if self.method is not None:
@@ -193,6 +207,7 @@ class PeftTask(LightningModule, abc.ABC):
             self.method.task = self
         else:
             self.configure_backbone()
+        self._built = True
         self.check_trainable()
         self.keep_trainable_in_float32()
         if trainer is not None:
@@ -284,9 +299,21 @@ class PeftTask(LightningModule, abc.ABC):
         mult, wd_mult = self.optim.multipliers, self.optim.wd_multipliers
         groups = (self.method.param_groups(self, lr, wd, mult, wd_mult) if self.method is not None
                   else default_param_groups(self, lr, wd, mult, wd_mult))
-        optimizer = (self.method.build_optimizer(groups) if self.method is not None else None) or adamw(groups, lr, fused=self._fused_optimizer_ok())
-        scheduler = lazy_schedule(optimizer, self.optim.schedule, self.optim.warmup_ratio,
-                                  lambda: self.trainer.estimated_stepping_batches)
+        own = self.method.build_optimizer(groups) if self.method is not None else None
+        if own is not None and self.optimizer_factory is not None:
+            raise ConfigError(f"method '{self.method_name}' brings its own optimizer ({type(own).__name__}), so "
+                              "model.init_args.optimizer cannot apply; remove it (or choose another method)")
+        if own is not None:
+            optimizer = own
+        elif self.optimizer_factory is not None:
+            optimizer = self.optimizer_factory(groups)  # the groups' lr and weight_decay override the defaults
+        else:
+            optimizer = adamw(groups, lr, fused=self._fused_optimizer_ok())
+        if self.scheduler_factory is not None:
+            scheduler = self.scheduler_factory(optimizer)
+        else:
+            scheduler = lazy_schedule(optimizer, self.optim.schedule, self.optim.warmup_ratio,
+                                      lambda: self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _fused_optimizer_ok(self) -> bool:

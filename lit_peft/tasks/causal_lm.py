@@ -30,6 +30,8 @@ from torch import nn
 from lit_peft import backbones
 from lit_peft.data.gsm8k import extract_answer
 from lit_peft.errors import ConfigError
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
 from lit_peft.tasks.base import PeftTask, eager
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
@@ -56,6 +58,8 @@ class CausalLM(PeftTask):
         revision: Optional[str] = None,
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
+        optimizer: Optional[OptimizerCallable] = None,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
         metric: Literal["auto", "exact_match", "rouge"] = "auto",
         max_new_tokens: int = 256,
         generate_in_validation: bool = False,
@@ -78,7 +82,8 @@ class CausalLM(PeftTask):
         super().__init__(backbone=backbone, dtype=dtype, learning_rate=learning_rate, weight_decay=weight_decay,
                          lr_schedule=lr_schedule, warmup_ratio=warmup_ratio, lr_multipliers=lr_multipliers,
                          weight_decay_multipliers=weight_decay_multipliers, compile=compile, attn_implementation=attn_implementation, revision=revision,
-                         trust_remote_code=trust_remote_code, gradient_checkpointing=gradient_checkpointing)
+                         trust_remote_code=trust_remote_code, gradient_checkpointing=gradient_checkpointing,
+                         optimizer=optimizer, lr_scheduler=lr_scheduler)
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if repetition_penalty <= 0:

@@ -13,6 +13,8 @@ from torch import nn
 
 from lit_peft import backbones
 from lit_peft.errors import ConfigError
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
 from lit_peft.tasks.base import PeftTask
 
 
@@ -38,6 +40,8 @@ class SequenceClassification(PeftTask):
         revision: Optional[str] = None,
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
+        optimizer: Optional[OptimizerCallable] = None,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
     ) -> None:
         """
         Args:
@@ -46,7 +50,8 @@ class SequenceClassification(PeftTask):
         super().__init__(backbone=backbone, dtype=dtype, learning_rate=learning_rate, weight_decay=weight_decay,
                          lr_schedule=lr_schedule, warmup_ratio=warmup_ratio, lr_multipliers=lr_multipliers,
                          weight_decay_multipliers=weight_decay_multipliers, compile=compile, attn_implementation=attn_implementation, revision=revision,
-                         trust_remote_code=trust_remote_code, gradient_checkpointing=gradient_checkpointing)
+                         trust_remote_code=trust_remote_code, gradient_checkpointing=gradient_checkpointing,
+                         optimizer=optimizer, lr_scheduler=lr_scheduler)
         if num_labels < 2:
             raise ConfigError(f"num_labels must be at least 2, got {num_labels}")
         self.num_labels = num_labels

@@ -40,6 +40,8 @@ from torch import nn
 from lit_peft import backbones
 from lit_peft.errors import ConfigError
 from lit_peft.methods.freeze import find_blocks
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
 from lit_peft.tasks.base import PeftTask
 
 ARCHITECTURES = {"timesfm": "TimesFmModelForPrediction", "patchtst": "PatchTSTForPrediction"}
@@ -74,6 +76,8 @@ class Forecasting(PeftTask):
         revision: Optional[str] = None,
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
+        optimizer: Optional[OptimizerCallable] = None,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
         quantile_loss_weight: float = 2.0,
         quantile_reduction: Literal["sum", "mean"] = "sum",
         loss_on: Literal["last_patch", "all_patches"] = "last_patch",
@@ -94,7 +98,8 @@ class Forecasting(PeftTask):
                          learning_rate=learning_rate, weight_decay=weight_decay, lr_schedule=lr_schedule,
                          warmup_ratio=warmup_ratio, lr_multipliers=lr_multipliers,
                          weight_decay_multipliers=weight_decay_multipliers, compile=compile, attn_implementation=attn_implementation, revision=revision,
-                         trust_remote_code=trust_remote_code, gradient_checkpointing=gradient_checkpointing)
+                         trust_remote_code=trust_remote_code, gradient_checkpointing=gradient_checkpointing,
+                         optimizer=optimizer, lr_scheduler=lr_scheduler)
         if quantile_loss_weight < 0:
             raise ConfigError(f"quantile_loss_weight must be 0 or more, got {quantile_loss_weight}")
         if quantile_reduction not in ("sum", "mean"):
