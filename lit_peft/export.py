@@ -27,7 +27,7 @@ def load_checkpoint(ckpt_path: str | Path) -> PeftTask:
     """Rebuild the task and method a checkpoint was trained with, and load its trained state."""
     ckpt = checkpoints.read(ckpt_path)
     meta = ckpt["lit_peft"]
-    task: PeftTask = build(meta["task"])
+    task: PeftTask = build(for_inference(meta["task"]))
     method = build(meta["method"]) if meta.get("method") else None
     if method is not None:
         method.attach(task)
@@ -42,6 +42,13 @@ def load_checkpoint(ckpt_path: str | Path) -> PeftTask:
     return task.eval()
 
 
+def for_inference(task_spec: dict[str, Any]) -> dict[str, Any]:
+    """The task's spec without what only training needs (gradient checkpointing wraps blocks and turns off
+    the KV cache; a merged or exported model has neither)."""
+    return {**task_spec, "init_args": {**task_spec.get("init_args", {}), "gradient_checkpointing": False}} \
+        if "gradient_checkpointing" in task_spec.get("init_args", {}) else task_spec
+
+
 def load_adapter(folder: str | Path) -> PeftTask:
     """Rebuild a task from a folder exported in lit-peft's own adapter format (Houlsby, SIFT,
     RoSA): the base backbone loads again, the method is applied, the adapter state goes on top."""
@@ -53,7 +60,7 @@ def load_adapter(folder: str | Path) -> PeftTask:
         hint = " (it is a PEFT adapter: load it with peft.PeftModel.from_pretrained)" if (folder / "adapter_config.json").is_file() else ""
         raise ConfigError(f"'{folder}' holds no lit_peft_adapter.json, so it is not a lit-peft adapter folder{hint}")
     meta = json.loads(meta_path.read_text())
-    task: PeftTask = build(meta["task"])
+    task: PeftTask = build(for_inference(meta["task"]))
     build(meta["method"]).attach(task)
     state = load_file(str(folder / "adapter_model.safetensors"))
     task.on_load_checkpoint({"state_dict": state, "lit_peft": {"task": meta["task"], "method": meta["method"]}})

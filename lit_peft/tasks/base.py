@@ -413,18 +413,29 @@ class PeftTask(LightningModule, abc.ABC):
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """transformers' gradient checkpointing (non-reentrant), with the embeddings' output made to require
-    grad, so checkpointed blocks behind frozen embeddings still propagate to their adapters."""
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ConfigError(f"{type(model).__name__} does not support gradient checkpointing in transformers; "
-                          "set gradient_checkpointing: false")
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable  # renamed in 5.x
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    try:
-        model.enable_input_require_grads()
-    except NotImplementedError:  # no input embeddings (a forecaster): its blocks' inputs come from trained layers
-        pass
-    if hasattr(model.config, "use_cache"):
+    """Recompute each block's activations in the backward pass. transformers' own (non-reentrant) where the
+    model supports it, with the embeddings' output made to require grad so checkpointed blocks behind
+    frozen embeddings still reach their adapters; elsewhere (TimesFM, PatchTST) torch's ``checkpoint_wrapper``
+    around each block of the longest ``nn.ModuleList``, whose ``_checkpoint_wrapped_module`` name segment
+    checkpoints leave out (``lit_peft.sharding.canonical``)."""
+    if getattr(model, "supports_gradient_checkpointing", False):
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            model.enable_input_require_grads()
+        except NotImplementedError:  # no input embeddings
+            pass
+    else:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+        from lit_peft.methods.freeze import find_blocks
+
+        _, blocks = find_blocks(model)
+        for i, block in enumerate(blocks):
+            blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    if hasattr(getattr(model, "config", None), "use_cache"):
         model.config.use_cache = False
 
 
