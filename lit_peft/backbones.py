@@ -171,6 +171,8 @@ def load_model(name: str, auto_class: Any, dtype: str = "float32", **kwargs: Any
     ``revision``, ``trust_remote_code``, a method's quantization config); ``None`` values are left out."""
     source = resolve(name)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if kwargs.pop("meta", False):
+        return empty_model(name, source, auto_class, dtype, **kwargs)
     try:
         model, info = auto_class.from_pretrained(source, dtype=dtype if dtype == "auto" else torch_dtype(dtype),
                                                  output_loading_info=True, **kwargs)
@@ -181,6 +183,30 @@ def load_model(name: str, auto_class: Any, dtype: str = "float32", **kwargs: Any
         ) from err
     report_loading(name, type(model).__name__, info)
     return model
+
+
+def empty_model(name: str, source: str, auto_class: Any, dtype: str, **kwargs: Any) -> nn.Module:
+    """The backbone's architecture on the meta device, no weights read: what a rank other than 0 builds when
+    the strategy sends it rank 0's weights (FSDP's ``sync_module_states``). Config entries among ``kwargs``
+    (``num_labels``) go to the config; quantization cannot apply to weights that are not there."""
+    from transformers import AutoConfig
+
+    if "quantization_config" in kwargs:
+        raise ConfigError("a 4-bit backbone cannot be built empty and filled from rank 0; under FSDP set "
+                          "sync_module_states: false so that every rank loads (and quantizes) the weights")
+    hub = {k: kwargs.pop(k) for k in ("revision", "trust_remote_code") if k in kwargs}
+    attn = kwargs.pop("attn_implementation", None)
+    try:
+        config = AutoConfig.from_pretrained(source, **hub)
+    except OSError as err:
+        raise ConfigError(f"could not read the config of backbone '{name}' ({err})") from err
+    for key, value in kwargs.items():
+        setattr(config, key, value)
+    if dtype == "auto":
+        dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32").removeprefix("torch.")
+    with torch.device("meta"):
+        return auto_class.from_config(config, dtype=torch_dtype(dtype), attn_implementation=attn,
+                                      trust_remote_code=hub.get("trust_remote_code", False))
 
 
 def report_loading(name: str, model_class: str, info: dict[str, Any]) -> None:

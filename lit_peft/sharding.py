@@ -84,6 +84,10 @@ def shard(task: nn.Module, strategy: Any) -> None:
                               "fails at its second step there); on one device drop the strategy, or use FSDP2: "
                               "--config configs/trainer/fsdp2.yaml")
         partial_sharded_load()
+        if task.builds_empty() and strategy.kwargs.get("param_init_fn") is None:
+            # FSDP materialises meta modules with reset_parameters(), which norms and rotary embeddings lack;
+            # empty storage is enough, since sync_module_states then sends rank 0's values
+            strategy.kwargs["param_init_fn"] = EmptyOn(strategy.root_device)
     if not is_fsdp2(strategy) or getattr(task, "_lit_peft_sharded", False):
         return
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -100,12 +104,66 @@ def shard(task: nn.Module, strategy: Any) -> None:
     precision = str(getattr(strategy.precision_plugin, "precision", ""))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if precision.startswith("bf16-mixed") else MixedPrecisionPolicy()
+    rank0_weights = rank0_state(task, strategy)
     blocks = block_classes(task.backbone)
     for module in list(task.backbone.modules()):
         if type(module) in blocks:
             fully_shard(module, mesh=mesh, mp_policy=policy)
     fully_shard(task.backbone, mesh=mesh, mp_policy=policy)
+    if rank0_weights is not None:
+        fill_from_rank0(task.backbone, rank0_weights, strategy)
     task._lit_peft_sharded = True
+
+
+class EmptyOn:
+    """FSDP1's ``param_init_fn``: a module's own meta tensors become empty storage on ``device``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __call__(self, module: nn.Module) -> None:
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if any(t.is_meta for t in own):
+            module.to_empty(device=self.device, recurse=False)
+
+
+def rank0_state(task: nn.Module, strategy: Any) -> Optional[dict[str, torch.Tensor]]:
+    """Where some rank built its backbone empty, rank 0's whole state (state dict and the non-persistent
+    buffers a state dict leaves out, such as rotary frequencies), taken before sharding; ``None`` where
+    every rank loaded the weights."""
+    empty = [False] * strategy.world_size
+    torch.distributed.all_gather_object(empty, bool(task.builds_empty()))
+    if not any(empty):
+        return None
+    if strategy.global_rank != 0:
+        return {}
+    backbone = task.backbone
+    state = dict(backbone.state_dict())
+    state.update({f"buffer:{name}": b for name, b in backbone.named_buffers() if name not in state})
+    return state
+
+
+def fill_from_rank0(backbone: nn.Module, state: dict[str, torch.Tensor], strategy: Any) -> None:
+    """After ``fully_shard``: every rank's shards get rank 0's values (torch's ``set_model_state_dict`` with
+    ``broadcast_from_rank0``, one tensor at a time), ranks that built empty materialised first; the
+    non-persistent buffers are broadcast whole."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    device = strategy.root_device
+    if any(p.is_meta for p in backbone.parameters()) or any(b.is_meta for b in backbone.buffers()):
+        backbone.to_empty(device=device)
+    weights = {k: v for k, v in state.items() if not k.startswith("buffer:")}
+    set_model_state_dict(backbone, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                     strict=False))
+    persistent = set(backbone.state_dict())
+    with torch.no_grad():
+        for name, buffer in backbone.named_buffers():
+            if name in persistent:
+                continue
+            value = state.get(f"buffer:{name}") if strategy.global_rank == 0 else None
+            carrier = value.to(device=buffer.device, dtype=buffer.dtype) if value is not None else torch.empty_like(buffer)
+            torch.distributed.broadcast(carrier, src=0)
+            buffer.copy_(carrier)
 
 
 def strategy_name(strategy: Optional[Any]) -> str:

@@ -85,6 +85,9 @@ class CPUFSDPStrategy(FSDPStrategy):
 def strategy(kind: str, world: int):
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+    if kind == "fsdp1-sync":  # rank 0 loads, the other ranks build empty and receive its weights
+        return CPUFSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, state_dict_type="full", sync_module_states=True,
+                               process_group_backend="gloo")
     if kind.startswith("fsdp1"):
         return CPUFSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, state_dict_type=kind.split("-")[1],
                                process_group_backend="gloo")
@@ -104,8 +107,31 @@ def run(kind: str, method_id: str, world: int, tiny_llama: str, toy_gsm8k: str, 
                             callbacks=[METHODS[method_id](), ckpt], enable_checkpointing=True,
                             default_root_dir=str(folder))
     trainer.fit(task, datamodule=data, ckpt_path=str(folder / f"step={MID}.ckpt") if resume else None)
+    built_empty = [None] * world
+    dist.all_gather_object(built_empty, task.builds_empty())
     return {"task_class": type(task).__name__, "trained_keys": sorted(task.trained_keys()),
-            "named_parameters_sample": next(n for n, p in task.named_parameters() if p.requires_grad)}
+            "named_parameters_sample": next(n for n, p in task.named_parameters() if p.requires_grad),
+            "built_empty": built_empty, "frozen_vs_pretrained": frozen_difference(trainer, task, tiny_llama)}
+
+
+def frozen_difference(trainer, task, tiny_llama: str):
+    """Largest difference between the frozen weights the sharded model holds (gathered on rank 0) and the
+    pretrained file's: 0 when every rank's shard holds the pretrained weights, a built-empty rank's included."""
+    from transformers import AutoModelForCausalLM
+
+    if getattr(trainer.strategy, "_state_dict_type", "full") == "sharded":
+        return None  # each rank holds ShardedTensors: the full and FSDP2 cases check the gathered weights
+    gathered = trainer.strategy.lightning_module_state_dict()  # a collective: every rank calls it
+    if trainer.global_rank != 0:
+        return None
+    pretrained = AutoModelForCausalLM.from_pretrained(tiny_llama).state_dict()
+    trained, worst, compared = task.trained_keys(), 0.0, 0
+    for key, value in gathered.items():
+        name = key.removeprefix("backbone.").removeprefix("base_model.model.").replace(".base_layer", "")
+        if key not in trained and name in pretrained:
+            worst = max(worst, (value.float() - pretrained[name].float()).abs().max().item())
+            compared += 1
+    return {"max": worst, "compared": compared}
 
 
 def main() -> None:

@@ -3,7 +3,8 @@ Lightning's FSDP1 (``FSDPStrategy``: full and sharded state dicts) and FSDP2 (``
 lit-peft's ``configure_model`` shards with ``fully_shard``), in one and two processes (``fsdp_worker.py``
 under ``torchrun``; it says which parts are Lightning's and the two CPU refusals it steps around).
 
-Each run: 8 steps with checkpoints at 4 and 8, then a run resumed from step 4. Checked here: the checkpoint
+Each run: 8 steps with checkpoints at 4 and 8, then a run resumed from step 4. Under FSDP2 the ranks but 0
+build the backbone empty and receive rank 0's weights. Checked here: the checkpoint
 holds exactly the trained tensors under canonical names (before lit-peft filtered on canonical names an
 FSDP1 checkpoint kept 0 of LoRA's 8) and the task's own class (FSDP2 renames it ``FSDPCausalLM``); the
 resumed run ends with the uninterrupted run's weights, bit for bit; the final checkpoint, written by a
@@ -90,6 +91,12 @@ def test_sharded_run_saves_what_trained_and_resumes_exactly(world, case, fsdp_ru
     else:
         assert keys and all(any(part in k for part in HOULSBY_KEYS) for k in keys)
     assert first["lit_peft"]["task"]["class_path"] == "lit_peft.tasks.causal_lm.CausalLM"
+    # under FSDP2 every rank but 0 builds the backbone empty (no weights read) and gets rank 0's into its
+    # shards; the gathered frozen weights are then the pretrained file's, exactly, before and after a resume
+    assert got["first"]["built_empty"] == [False] + [kind == "fsdp2"] * (world - 1)
+    for run in ("first", "second") if kind != "fsdp1-sharded" else ():
+        assert got[run]["frozen_vs_pretrained"]["compared"] >= 16
+        assert got[run]["frozen_vs_pretrained"]["max"] == 0.0
     for key in keys:  # training moved the weights, and the resumed run lands on the same ones exactly
         assert not torch.equal(first["state_dict"][key], mid["state_dict"][key]) or "lora_A" in key, key
         torch.testing.assert_close(resumed["state_dict"][key], first["state_dict"][key], rtol=0, atol=0, msg=key)
@@ -151,3 +158,45 @@ def test_task_class_is_the_tasks_own_under_a_generated_wrapper_class() -> None:
     generated = type("FSDPCausalLM", (fsdp_module, CausalLM), {"__module__": "torch.distributed.fsdp._fully_shard._fully_shard"})
     assert generated.__name__ == "FSDPCausalLM"
     assert task_class(object.__new__(generated)) is CausalLM
+
+
+def test_fsdp1_with_sync_module_states_builds_empty_on_other_ranks(tiny_llama) -> None:
+    """FSDP1's own broadcast (``sync_module_states``) refuses CPU tensors, so it runs on GPUs only; what lit-peft
+    adds is checked here in one process: on a rank other than 0 the backbone is built on the meta device with
+    the method applied (the real model's names and shapes, no weights read), and the strategy gets a
+    ``param_init_fn`` that materialises the modules transformers gives no ``reset_parameters`` (norms)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lit_peft import methods
+    from lit_peft.tasks import CausalLM
+
+    class SecondOfTwo(FSDPStrategy):  # what the strategy says on rank 1 of 2 once processes are set up
+        world_size = property(lambda self: 2)
+        global_rank = property(lambda self: 1)
+
+    strategy = SecondOfTwo(sync_module_states=True)
+    strategy.parallel_devices = [torch.device("cpu")] * 2
+    trainer = SimpleNamespace(strategy=strategy, global_rank=1, world_size=2,
+                              precision_plugin=SimpleNamespace(precision="32-true"))
+    empty = CausalLM(backbone=tiny_llama)
+    empty._trainer = trainer
+    empty.use_method(methods.LoRA(r=4))
+    assert empty.builds_empty()
+    empty.configure_model()
+    real = CausalLM(backbone=tiny_llama)
+    methods.LoRA(r=4).attach(real)
+    assert all(p.is_meta for p in empty.parameters())
+    assert {n: p.shape for n, p in empty.named_parameters()} == {n: p.shape for n, p in real.named_parameters()}
+    assert empty.trained_keys() == real.trained_keys()
+    init = strategy.kwargs["param_init_fn"]
+    for module in empty.modules():
+        init(module)
+    assert not any(p.is_meta for p in empty.parameters()) and not any(b.is_meta for b in empty.buffers())
+    # rank 0, and a method that reads the weights to apply itself, load them
+    assert not CausalLM(backbone=tiny_llama).builds_empty()
+    pissa = CausalLM(backbone=tiny_llama)
+    pissa._trainer = trainer
+    pissa.use_method(methods.PiSSA(r=4))
+    assert not pissa.builds_empty()

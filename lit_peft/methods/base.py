@@ -77,6 +77,9 @@ class Method(Callback, abc.ABC):
     merge_note = ""
     #: whether ``export`` can save the trained state as a PEFT adapter
     exportable = False
+    #: whether applying the method reads the pretrained weights (an SVD or QR of them, activations, a
+    #: quantization): then every rank loads them, rather than all but one building empty under FSDP
+    initializes_from_weights = False
 
     #: the task this method was applied to (set by ``attach``)
     task: Optional["PeftTask"] = None

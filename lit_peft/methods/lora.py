@@ -77,12 +77,14 @@ class RsLoRA(LoRA):
 
 
 class _ConvertedOnExport(LoRA):
-    """A LoRA variant whose initialization rewrites the frozen base weights.
+    """A LoRA variant whose initialization rewrites the frozen base weights (from an SVD or QR of them).
 
     Its adapter only makes sense on the rewritten base, so ``export`` rebuilds the initial adapter
     (the initialization is deterministic) and lets peft convert the trained one to a plain LoRA of
     rank 2r that loads on the original weights.
     """
+
+    initializes_from_weights = True
 
     def export(self, task, output_dir: Path) -> None:
         from peft import get_peft_model_state_dict
@@ -201,6 +203,7 @@ class EVA(LoRA):
 
     name = "eva"
     init = "eva"
+    initializes_from_weights = True
 
     def __init__(self, r: int = 8, alpha: float = 16, dropout: float = 0.1, targets: Targets = "qv",
                  rho: float = 2.0, tau: float = 0.99, whiten: bool = False, layout: Optional[dict] = None) -> None:

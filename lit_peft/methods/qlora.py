@@ -117,6 +117,7 @@ class QLoRA(LoRA):
     """LoRA on a 4-bit quantized backbone."""
 
     name = "qlora"
+    initializes_from_weights = True  # quantized while it loads
     merge_note = "the 4-bit base weights are dequantized before the adapter is merged"
 
     def __init__(self, r: int = 8, alpha: float = 16, dropout: float = 0.1, targets: Targets = "qv",

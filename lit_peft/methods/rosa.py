@@ -30,6 +30,7 @@ class RoSA(SparseMixin, LoRA):
     """LoRA plus a gradient-chosen sparse increment on the targeted layers."""
 
     name = "rosa"
+    initializes_from_weights = True  # optionally quantized while it loads
 
     def __init__(self, r: int = 8, alpha: float = 16, dropout: float = 0.1, targets: Targets = "qv",
                  density: float = 0.01, selection_batches: int = 8, quant_type: Optional[str] = None,

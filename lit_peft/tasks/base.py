@@ -159,9 +159,24 @@ class PeftTask(LightningModule, abc.ABC):
         return "float16" if precision.startswith("16") else "float32"
 
     def hub_kwargs(self) -> dict[str, Any]:
-        """``from_pretrained`` options of every backbone: attention kernel, revision, remote code."""
+        """``from_pretrained`` options of every backbone: attention kernel, revision, remote code, and
+        whether this rank builds it empty (``builds_empty``)."""
         return {"attn_implementation": self.loading.attn_implementation, "revision": self.loading.revision,
-                "trust_remote_code": self.loading.trust_remote_code or None}
+                "trust_remote_code": self.loading.trust_remote_code or None, "meta": self.builds_empty() or None}
+
+    def builds_empty(self) -> bool:
+        """Whether this rank builds the backbone on the meta device, reading no weights, and gets rank 0's:
+        every rank but 0 under FSDP2 (``sharding.shard`` broadcasts rank 0's weights into each rank's
+        shards) and under FSDP1 with ``sync_module_states: true`` (FSDP broadcasts them unit by unit as it
+        wraps). Host memory is then one copy of the weights in the job, on rank 0, not one a rank. Not
+        where the method reads the weights to apply itself (PiSSA, OLoRA, EVA, QLoRA, RoSA)."""
+        trainer = self._trainer
+        if trainer is None or trainer.global_rank == 0 or trainer.world_size < 2:
+            return False
+        if self.method is not None and self.method.initializes_from_weights:
+            return False
+        strategy = trainer.strategy
+        return sharding.is_fsdp2(strategy) or bool(sharding.is_fsdp1(strategy) and strategy.kwargs.get("sync_module_states"))
 
     @property
     def weights_dtype(self) -> torch.dtype:
