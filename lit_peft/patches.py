@@ -10,6 +10,14 @@
   Upstream: Lightning has no partial-load option for sharded FSDP checkpoints (its ``strict_loading``
   reaches ``load_state_dict`` but not the distributed load before it); torch's planner has
   ``allow_partial_load``. Test: ``tests/test_fsdp.py`` (sharded FSDP1 resume, 1 and 2 processes).
+- ``ddp_without_init_sync``: DDP broadcasts every parameter from rank 0 when it wraps the model
+  (``init_sync``). Every rank loaded the same frozen weights from the same file, and writing them again
+  makes each rank copy the memory-mapped checkpoint: a 2-process fit of SmolLM2 peaked at 2.0x the
+  weights above idle on each rank (``benchmarks/load_memory.py``). lit-peft turns the init sync off through
+  Lightning's private ``DDPStrategy._ddp_kwargs`` (Lightning passes its constructor's kwargs there; there is
+  no public setter once the strategy exists) and broadcasts what trains and the buffers itself
+  (``lit_peft.sharding.sync_trained``). A user's explicit ``init_sync`` is kept. Test: ``tests/methods/
+  test_ddp_methods.py`` (every method's trained state equal on both ranks) and ``tests/test_patches.py``.
 """
 
 from __future__ import annotations
@@ -41,3 +49,11 @@ def partial_sharded_load() -> None:
 
     pytorch_fsdp._distributed_checkpoint_load = _partial_distributed_checkpoint_load
     _installed = True
+
+
+def ddp_without_init_sync(strategy) -> bool:
+    """Turn off DDP's broadcast of every parameter at wrap time, unless the run set ``init_sync`` itself;
+    True where the caller must broadcast what trains."""
+    kwargs = strategy._ddp_kwargs
+    kwargs.setdefault("init_sync", False)
+    return not kwargs["init_sync"]

@@ -8,6 +8,9 @@ class behind a wrapper, and FSDP2 sharding in ``configure_model``.
   checkpoint written under any strategy loads under any other.
 - FSDP2's ``fully_shard`` swaps a module's class for a generated ``FSDP<Name>`` subclass; a task
   records ``task_class`` (its own class) in checkpoints, not the generated one.
+- Under DDP the frozen weights are not broadcast again at wrap time (every rank loaded them from the same
+  file; rewriting them copied the memory-mapped checkpoint into each rank): ``sync_trained`` sends rank
+  0's trained weights and buffers instead (``lit_peft.patches.ddp_without_init_sync``).
 - Lightning's ``ModelParallelStrategy`` asks the LightningModule to apply its parallelism in
   ``configure_model`` (Lightning does not shard for it). ``shard`` does that for every task:
   ``fully_shard`` on each transformer block (the backbone's ``_no_split_modules`` classes, which
@@ -50,6 +53,20 @@ def task_class(module: nn.Module) -> type:
     return type(module)
 
 
+def is_ddp(strategy: Any) -> bool:
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return isinstance(strategy, DDPStrategy)
+
+
+def sync_trained(task: nn.Module) -> None:
+    """Rank 0's values of what trains (a random adapter or head initialisation) and of every buffer, on every
+    rank: what DDP's init sync would send, without rewriting the frozen weights every rank loaded alike."""
+    with torch.no_grad():
+        for tensor in [p for p in task.parameters() if p.requires_grad] + list(task.buffers()):
+            torch.distributed.broadcast(tensor.data, src=0)
+
+
 def is_fsdp1(strategy: Any) -> bool:
     from lightning.pytorch.strategies import FSDPStrategy
 
@@ -71,8 +88,8 @@ def block_classes(backbone: nn.Module) -> set[type]:
 
 def shard(task: nn.Module, strategy: Any) -> None:
     """FSDP2 under ``ModelParallelStrategy``: ``fully_shard`` each block, then the backbone, over the
-    data-parallel mesh. Under FSDP1 (which wraps by itself) only the partial sharded load is installed
-    (``lit_peft.patches``). Nothing under any other strategy."""
+    data-parallel mesh. Under FSDP1 (which wraps by itself) the partial sharded load is installed
+    (``lit_peft.patches``); under DDP what trains is broadcast instead of DDP's sync of every weight."""
     if is_fsdp1(strategy):
         from lit_peft.errors import ConfigError
         from lit_peft.patches import partial_sharded_load
@@ -88,6 +105,11 @@ def shard(task: nn.Module, strategy: Any) -> None:
             # FSDP materialises meta modules with reset_parameters(), which norms and rotary embeddings lack;
             # empty storage is enough, since sync_module_states then sends rank 0's values
             strategy.kwargs["param_init_fn"] = EmptyOn(strategy.root_device)
+    if is_ddp(strategy) and strategy.world_size > 1 and torch.distributed.is_initialized():
+        from lit_peft.patches import ddp_without_init_sync
+
+        if ddp_without_init_sync(strategy):
+            sync_trained(task)
     if not is_fsdp2(strategy) or getattr(task, "_lit_peft_sharded", False):
         return
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
