@@ -205,8 +205,10 @@ def empty_model(name: str, source: str, auto_class: Any, dtype: str, **kwargs: A
     if dtype == "auto":
         dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32").removeprefix("torch.")
     with torch.device("meta"):
-        return auto_class.from_config(config, dtype=torch_dtype(dtype), attn_implementation=attn,
-                                      trust_remote_code=hub.get("trust_remote_code", False))
+        if hasattr(auto_class, "from_config"):  # an Auto class
+            return auto_class.from_config(config, dtype=torch_dtype(dtype), attn_implementation=attn,
+                                          trust_remote_code=hub.get("trust_remote_code", False))
+        return auto_class._from_config(config, dtype=torch_dtype(dtype), attn_implementation=attn)  # a model class
 
 
 def report_loading(name: str, model_class: str, info: dict[str, Any]) -> None:

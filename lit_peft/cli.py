@@ -103,6 +103,10 @@ class LitPeftCLI(LightningCLI):
         if ckpt_path and str(ckpt_path) not in checkpoints.LIGHTNING_WORDS:
             # missing, truncated, foreign: one message before LightningCLI itself loads it
             checkpoints.read(ckpt_path, "--ckpt_path")
+            if Path(ckpt_path).is_dir() and not shards(config["trainer"].get("strategy")):
+                raise ConfigError(f"--ckpt_path '{ckpt_path}' is a sharded checkpoint folder, which only a sharded "
+                                  "strategy loads: run with the strategy that wrote it (configs/trainer/fsdp.yaml or "
+                                  "fsdp2.yaml), or turn it into a model folder with `lit-peft merge` / `export`")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -126,6 +130,14 @@ class LitPeftCLI(LightningCLI):
 
 
 ROOT = "{default_root_dir}"  # a logger's save_dir that stands for trainer.default_root_dir
+
+
+def shards(strategy) -> bool:
+    """Whether a trainer.strategy setting is FSDP1 or FSDP2 (the strategies that load a sharded folder)."""
+    name = strategy if isinstance(strategy, str) else (getattr(strategy, "class_path", None) or
+                                                       (strategy.get("class_path") if hasattr(strategy, "get") else None)
+                                                       or type(strategy).__name__)
+    return any(word in str(name).lower() for word in ("fsdp", "modelparallel"))
 
 
 def runs_under_root(trainer_cfg) -> None:

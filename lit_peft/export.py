@@ -42,11 +42,16 @@ def load_checkpoint(ckpt_path: str | Path) -> PeftTask:
     return task.eval()
 
 
+#: task options that only the training run needs, and their values for merge and export: gradient checkpointing
+#: (wraps blocks, turns off the KV cache), the run's attention kernel (flash attention may not be installed
+#: where a checkpoint is merged), compile
+TRAINING_ONLY = {"gradient_checkpointing": False, "attn_implementation": None, "compile": False}
+
+
 def for_inference(task_spec: dict[str, Any]) -> dict[str, Any]:
-    """The task's spec without what only training needs (gradient checkpointing wraps blocks and turns off
-    the KV cache; a merged or exported model has neither)."""
-    return {**task_spec, "init_args": {**task_spec.get("init_args", {}), "gradient_checkpointing": False}} \
-        if "gradient_checkpointing" in task_spec.get("init_args", {}) else task_spec
+    """The task's spec without what only training needs (``TRAINING_ONLY``)."""
+    args = task_spec.get("init_args", {})
+    return {**task_spec, "init_args": {**args, **{k: v for k, v in TRAINING_ONLY.items() if k in args}}}
 
 
 def load_adapter(folder: str | Path) -> PeftTask:

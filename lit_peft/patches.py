@@ -1,12 +1,14 @@
-"""The one place lit-peft changes a private Lightning function, each patch with its reason and test.
+"""The one place lit-peft touches private Lightning functions and attributes, each with its reason and test.
 
 - ``partial_sharded_load``: Lightning's ``FSDPStrategy`` (FSDP1, ``state_dict_type: sharded``) resumes by
   asking torch's distributed checkpoint to fill the model's *whole* sharded state dict from the
   checkpoint folder (``lightning.pytorch.strategies.fsdp._distributed_checkpoint_load``, which calls
   ``torch.distributed.checkpoint.load`` with the default planner). A lit-peft checkpoint holds only what
   trained, so that load stops at the first frozen weight ("Missing key in checkpoint state_dict:
-  model.backbone...embed_tokens.weight"). The patched function loads the keys the checkpoint holds
-  and leaves the rest (the frozen pretrained weights the model already has) as they are.
+  model.backbone...embed_tokens.weight"); so does FSDP2's resume from ``save_distributed_checkpoint: true``
+  (``lightning.fabric.strategies.model_parallel._distributed_checkpoint_load``). The patched function loads
+  with torch's planner set to ``allow_partial_load``: the keys the checkpoint holds (weights and optimizer
+  state) load, the rest (the frozen pretrained weights the model already has) stay as they are.
   Upstream: Lightning has no partial-load option for sharded FSDP checkpoints (its ``strict_loading``
   reaches ``load_state_dict`` but not the distributed load before it); torch's planner has
   ``allow_partial_load``. Test: ``tests/test_fsdp.py`` (sharded FSDP1 resume, 1 and 2 processes).
@@ -29,25 +31,23 @@ _installed = False
 
 
 def _partial_distributed_checkpoint_load(module_state: dict[str, Any], path: Path) -> None:
-    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-    saved = set(FileSystemReader(path).read_metadata().state_dict_metadata)
-    present = {key: {name: value for name, value in part.items() if f"{key}.{name}" in saved}
-               if isinstance(part, dict) else part for key, part in module_state.items()}
-    load(present, checkpoint_id=path)
-    for key, part in present.items():  # the loaded entries back into the caller's dict
-        if isinstance(part, dict):
-            module_state[key].update(part)
+    load(module_state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
 
 
 def partial_sharded_load() -> None:
-    """Install the patch (idempotent); called when a task is built under ``FSDPStrategy``."""
+    """Install the patch (idempotent) where Lightning calls the function: its FSDP1 strategy and FSDP2's
+    (``ModelParallelStrategy`` loads through fabric's ``model_parallel._load_checkpoint``)."""
     global _installed
     if _installed:
         return
+    import lightning.fabric.strategies.model_parallel as fabric_model_parallel
     import lightning.pytorch.strategies.fsdp as pytorch_fsdp
 
     pytorch_fsdp._distributed_checkpoint_load = _partial_distributed_checkpoint_load
+    fabric_model_parallel._distributed_checkpoint_load = _partial_distributed_checkpoint_load
     _installed = True
 
 

@@ -101,7 +101,7 @@ def shard(task: nn.Module, strategy: Any) -> None:
                               "fails at its second step there); on one device drop the strategy, or use FSDP2: "
                               "--config configs/trainer/fsdp2.yaml")
         partial_sharded_load()
-        if task.builds_empty() and strategy.kwargs.get("param_init_fn") is None:
+        if task.built_empty and strategy.kwargs.get("param_init_fn") is None:
             # FSDP materialises meta modules with reset_parameters(), which norms and rotary embeddings lack;
             # empty storage is enough, since sync_module_states then sends rank 0's values
             strategy.kwargs["param_init_fn"] = EmptyOn(strategy.root_device)
@@ -112,6 +112,9 @@ def shard(task: nn.Module, strategy: Any) -> None:
             sync_trained(task)
     if not is_fsdp2(strategy) or getattr(task, "_lit_peft_sharded", False):
         return
+    from lit_peft.patches import partial_sharded_load
+
+    partial_sharded_load()  # a resume from save_distributed_checkpoint: true loads what the checkpoint holds
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from lit_peft.errors import ConfigError
@@ -154,7 +157,7 @@ def rank0_state(task: nn.Module, strategy: Any) -> Optional[dict[str, torch.Tens
     buffers a state dict leaves out, such as rotary frequencies), taken before sharding; ``None`` where
     every rank loaded the weights."""
     empty = [False] * strategy.world_size
-    torch.distributed.all_gather_object(empty, bool(task.builds_empty()))
+    torch.distributed.all_gather_object(empty, bool(task.built_empty))
     if not any(empty):
         return None
     if strategy.global_rank != 0:

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy  # noqa: E402
+from torch.distributed.fsdp import FSDPModule  # noqa: E402
 
 from conftest import quiet_trainer  # noqa: E402
 from lit_peft import methods  # noqa: E402
@@ -91,8 +92,8 @@ def strategy(kind: str, world: int):
     if kind.startswith("fsdp1"):
         return CPUFSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, state_dict_type=kind.split("-")[1],
                                process_group_backend="gloo")
-    return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1, save_distributed_checkpoint=False,
-                                 process_group_backend="gloo")
+    return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
+                                 save_distributed_checkpoint=kind == "fsdp2-sharded", process_group_backend="gloo")
 
 
 METHODS = {"lora": lambda: methods.LoRA(r=4, alpha=8, dropout=0.0), "houlsby": lambda: methods.Houlsby(bottleneck=8)}
@@ -103,15 +104,18 @@ def run(kind: str, method_id: str, world: int, tiny_llama: str, toy_gsm8k: str, 
     data = GSM8KData(data_dir=toy_gsm8k, val_size=16, max_length=96, max_response_length=48, batch_size=4,
                      tokenizer=tiny_llama)
     ckpt = ModelCheckpoint(dirpath=folder, filename="{step}", every_n_train_steps=MID, save_top_k=-1)
+    method = METHODS[method_id]()
+    if kind.endswith("-prebuilt"):  # the model built before the run (method.attach), as a script may do
+        method.attach(task)
     trainer = quiet_trainer(devices=world, strategy=strategy(kind, world), max_steps=STEPS, limit_val_batches=0,
-                            callbacks=[METHODS[method_id](), ckpt], enable_checkpointing=True,
-                            default_root_dir=str(folder))
+                            callbacks=[method, ckpt], enable_checkpointing=True, default_root_dir=str(folder))
     trainer.fit(task, datamodule=data, ckpt_path=str(folder / f"step={MID}.ckpt") if resume else None)
     built_empty = [None] * world
-    dist.all_gather_object(built_empty, task.builds_empty())
+    dist.all_gather_object(built_empty, task.built_empty)
     return {"task_class": type(task).__name__, "trained_keys": sorted(task.trained_keys()),
             "named_parameters_sample": next(n for n, p in task.named_parameters() if p.requires_grad),
-            "built_empty": built_empty, "frozen_vs_pretrained": frozen_difference(trainer, task, tiny_llama)}
+            "built_empty": built_empty, "frozen_vs_pretrained": frozen_difference(trainer, task, tiny_llama),
+            "fully_sharded": isinstance(task.backbone, FSDPModule)}
 
 
 def frozen_difference(trainer, task, tiny_llama: str):
@@ -119,7 +123,8 @@ def frozen_difference(trainer, task, tiny_llama: str):
     pretrained file's: 0 when every rank's shard holds the pretrained weights, a built-empty rank's included."""
     from transformers import AutoModelForCausalLM
 
-    if getattr(trainer.strategy, "_state_dict_type", "full") == "sharded":
+    if getattr(trainer.strategy, "_state_dict_type", "full") == "sharded" or \
+            getattr(trainer.strategy, "_save_distributed_checkpoint", False):
         return None  # each rank holds ShardedTensors: the full and FSDP2 cases check the gathered weights
     gathered = trainer.strategy.lightning_module_state_dict()  # a collective: every rank calls it
     if trainer.global_rank != 0:

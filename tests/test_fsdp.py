@@ -29,7 +29,8 @@ HOULSBY_KEYS = ("adapter", "norm")  # Houlsby trains its adapters and the layer 
 
 CASES = {
     1: ["fsdp1-full:lora", "fsdp2:lora", "fsdp2:houlsby"],
-    2: ["fsdp1-full:lora", "fsdp1-sharded:lora", "fsdp2:lora", "fsdp1-full:houlsby", "fsdp2:houlsby"],
+    2: ["fsdp1-full:lora", "fsdp1-sharded:lora", "fsdp2:lora", "fsdp2-sharded:lora", "fsdp2-prebuilt:lora",
+        "fsdp1-full:houlsby", "fsdp2:houlsby"],
 }
 PARAMS = [(world, case) for world, cases in CASES.items() for case in cases]
 
@@ -81,7 +82,7 @@ def test_sharded_run_saves_what_trained_and_resumes_exactly(world, case, fsdp_ru
     if kind.startswith("fsdp1"):  # the names the model itself has carry FSDP1's wrapper segment
         assert "_fsdp_wrapped_module" in got["first"]["named_parameters_sample"]
     first, resumed, mid = read(_final(got["run"])), read(_final(got["resumed"])), read(Path(got["run"]) / "step=4.ckpt")
-    if kind == "fsdp1-sharded":
+    if kind.endswith("-sharded"):
         assert _final(got["run"]).is_dir()  # a distributed checkpoint folder, read whole by checkpoints.read
     keys = set(first["state_dict"])
     assert keys == set(got["first"]["trained_keys"]) == set(resumed["state_dict"])
@@ -93,8 +94,10 @@ def test_sharded_run_saves_what_trained_and_resumes_exactly(world, case, fsdp_ru
     assert first["lit_peft"]["task"]["class_path"] == "lit_peft.tasks.causal_lm.CausalLM"
     # under FSDP2 every rank but 0 builds the backbone empty (no weights read) and gets rank 0's into its
     # shards; the gathered frozen weights are then the pretrained file's, exactly, before and after a resume
-    assert got["first"]["built_empty"] == [False] + [kind == "fsdp2"] * (world - 1)
-    for run in ("first", "second") if kind != "fsdp1-sharded" else ():
+    # (a model built before the run, by method.attach, loaded on every rank and is sharded all the same)
+    assert got["first"]["built_empty"] == [False] + [kind in ("fsdp2", "fsdp2-sharded")] * (world - 1)
+    assert got["first"]["fully_sharded"] is kind.startswith("fsdp2")
+    for run in ("first", "second") if not kind.endswith("-sharded") else ():
         assert got[run]["frozen_vs_pretrained"]["compared"] >= 16
         assert got[run]["frozen_vs_pretrained"]["max"] == 0.0
     for key in keys:  # training moved the weights, and the resumed run lands on the same ones exactly
@@ -103,8 +106,8 @@ def test_sharded_run_saves_what_trained_and_resumes_exactly(world, case, fsdp_ru
 
 
 @pytest.mark.parametrize("world,case", [(2, "fsdp1-full:lora"), (2, "fsdp1-sharded:lora"), (2, "fsdp2:lora"),
-                                        (1, "fsdp2:lora"), (2, "fsdp2:houlsby")],
-                         ids=["fsdp1-full", "fsdp1-sharded", "fsdp2", "fsdp2-1proc", "fsdp2-houlsby"])
+                                        (2, "fsdp2-sharded:lora"), (1, "fsdp2:lora"), (2, "fsdp2:houlsby")],
+                         ids=["fsdp1-full", "fsdp1-sharded", "fsdp2", "fsdp2-sharded", "fsdp2-1proc", "fsdp2-houlsby"])
 def test_sharded_checkpoint_merges_and_exports_in_one_process(world, case, fsdp_runs, toy_gsm8k, tiny_llama, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -200,3 +203,15 @@ def test_fsdp1_with_sync_module_states_builds_empty_on_other_ranks(tiny_llama) -
     pissa._trainer = trainer
     pissa.use_method(methods.PiSSA(r=4))
     assert not pissa.builds_empty()
+
+
+def test_a_sharded_folder_under_a_strategy_that_cannot_load_it_is_one_line(fsdp_runs, capsys) -> None:
+    from lit_peft.cli import main
+
+    folder = _final(_result(fsdp_runs, 2, "fsdp1-sharded:lora")["run"])
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(SystemExit) as done:
+        main(["validate", "--config", str(root / "configs" / "lora_gsm8k.yaml"), "--ckpt_path", str(folder)])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert "is a sharded checkpoint folder" in err and "lit-peft merge" in err and len(err.strip().splitlines()) == 1

@@ -29,9 +29,13 @@ def test_the_sharded_load_patch_replaces_the_function_lightning_calls() -> None:
 
     from lit_peft import patches
 
+    import lightning.fabric.strategies.model_parallel as fabric_model_parallel
+
     assert "_distributed_checkpoint_load(module_state, path)" in inspect.getsource(pytorch_fsdp.FSDPStrategy.load_checkpoint)
+    assert "_distributed_checkpoint_load(module_state, path)" in inspect.getsource(fabric_model_parallel._load_checkpoint)
     patches.partial_sharded_load()
     assert pytorch_fsdp._distributed_checkpoint_load is patches._partial_distributed_checkpoint_load
+    assert fabric_model_parallel._distributed_checkpoint_load is patches._partial_distributed_checkpoint_load
 
 
 def test_ddp_without_init_sync_still_starts_every_rank_from_rank_0s_adapters(tiny_bert, toy_data, tmp_path) -> None:

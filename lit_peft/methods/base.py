@@ -80,6 +80,9 @@ class Method(Callback, abc.ABC):
     #: whether applying the method reads the pretrained weights (an SVD or QR of them, activations, a
     #: quantization): then every rank loads them, rather than all but one building empty under FSDP
     initializes_from_weights = False
+    #: whether the backbone's own pretrained weights train (full, partial, GaLore): they load in float32
+    #: under ``dtype: default`` rather than in bf16
+    trains_pretrained_weights = False
 
     #: the task this method was applied to (set by ``attach``)
     task: Optional["PeftTask"] = None
@@ -96,6 +99,8 @@ class Method(Callback, abc.ABC):
         with it, as ``configure_model`` does in a run. A second call is a no-op."""
         self._check_task(task)
         task.use_method(self)
+        if trainer is not None and task._trainer is None:
+            task.trainer = trainer  # the method's options that read the run (QLoRA's device, EVA's data)
         task.configure_model()
 
     def _check_task(self, task: Any) -> None:

@@ -54,6 +54,7 @@ class FullFineTune(Method):
     """Every backbone weight trains."""
 
     name = "full"
+    trains_pretrained_weights = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -66,6 +67,7 @@ class PartialFineTune(Method):
     """The head, the last ``last_n_blocks`` blocks and the named ``modules`` train."""
 
     name = "partial"
+    trains_pretrained_weights = True
 
     def __init__(self, last_n_blocks: int = 1, modules: Optional[list[str]] = None) -> None:
         super().__init__()

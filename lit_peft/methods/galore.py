@@ -36,6 +36,7 @@ class GaLore(Method):
     """Full-parameter training with GaLore's low-rank projected optimizer states."""
 
     name = "galore"
+    trains_pretrained_weights = True
 
     def __init__(self, rank: int = 64, update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std",
                  optimizer: str = "adamw", targets: Targets = "all", freeze: Optional[list[str]] = None) -> None:

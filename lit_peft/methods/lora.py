@@ -173,13 +173,30 @@ def _olora_conv1d(layer, adapter: str) -> None:
 
 
 class _Unlabelled:
-    """Re-iterable view of a dataloader without per-sequence class labels (EVA forwards inputs only)."""
+    """Re-iterable view of the training loader without per-sequence class labels (EVA forwards inputs only).
 
-    def __init__(self, loader) -> None:
-        self.loader = loader
+    EVA runs in configure_model, which Lightning calls with the root device (a GPU) as torch's default
+    device; the loader's samplers make their tensors and draw from CPU generators, which fails under another
+    default device. So the loader is made, and each batch fetched, with the CPU as the default device; the
+    model's forward (outside those blocks) keeps Lightning's."""
+
+    def __init__(self, make_loader) -> None:
+        import torch
+
+        self.make_loader = make_loader
+        with torch.device("cpu"):
+            self.loader = make_loader()
 
     def __iter__(self):
-        for batch in self.loader:
+        import torch
+
+        with torch.device("cpu"):
+            batches = iter(self.loader)
+        while True:
+            with torch.device("cpu"):
+                batch = next(batches, None)
+            if batch is None:
+                return
             yield {k: v for k, v in batch.items() if not (k == "labels" and v.dim() == 1)}
 
     def __len__(self) -> int:
@@ -235,7 +252,7 @@ class EVA(LoRA):
 
         if self.layout is not None or trainer is None or trainer.datamodule is None or trainer.state.fn != "fit":
             return  # rebuilt for merge/export, or test/validate/predict: the trained weights come from the checkpoint
-        loader = trainer.datamodule.train_dataloader()
+        loader = _Unlabelled(trainer.datamodule.train_dataloader)
         device = trainer.strategy.root_device
         backbone = task.backbone.to(device)
 
@@ -249,7 +266,7 @@ class EVA(LoRA):
         # and each layer's input is flattened to (positions, features)
         windows = getattr(task, "activation_forward", None) is not None
         kwargs = {"prepare_model_inputs_fn": None, "prepare_layer_inputs_fn": _flat_positions} if windows else {}
-        initialize_lora_eva_weights(backbone, dataloader=_Unlabelled(loader), forward_fn=forward,
+        initialize_lora_eva_weights(backbone, dataloader=loader, forward_fn=forward,
                                     show_progress_bar=False, **kwargs)
         config = backbone.peft_config["default"]
         self.layout = {"target_modules": sorted(config.target_modules), "rank_pattern": dict(config.rank_pattern),

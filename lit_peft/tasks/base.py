@@ -76,7 +76,7 @@ class PeftTask(LightningModule, abc.ABC):
         lr_multipliers: Optional[dict[str, float]] = None,
         weight_decay_multipliers: Optional[dict[str, float]] = None,
         compile: bool = False,
-        attn_implementation: Optional[str] = "sdpa",
+        attn_implementation: Optional[str] = None,
         revision: Optional[str] = None,
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
@@ -99,7 +99,8 @@ class PeftTask(LightningModule, abc.ABC):
             compile: run the backbone's forward (and backward) through ``torch.compile``, once the
                 method has rewritten it. Compiled in place (``nn.Module.compile``), so parameter names,
                 checkpoints and resumes are those of an uncompiled run. Generation is not compiled.
-            attn_implementation: transformers' attention kernel: ``sdpa`` (torch's fused attention), ``eager``,
+            attn_implementation: transformers' attention kernel: unset, transformers' choice (``sdpa``, torch's fused
+                attention, where the architecture has it, else ``eager``); or ``sdpa``, ``eager``,
                 ``flash_attention_2`` (needs the flash-attn package and a CUDA GPU), ``flex_attention``.
             revision: the hub revision (branch, tag or commit) of backbone and tokenizer.
             trust_remote_code: allow a hub backbone's own modelling code to run (off: only transformers' code).
@@ -131,6 +132,7 @@ class PeftTask(LightningModule, abc.ABC):
         self.backbone: Optional[nn.Module] = None
         self.method: Optional[Method] = None
         self._built = False  # configure_model has run: backbone loaded, method applied
+        self.built_empty = False  # this rank built the backbone on the meta device (it gets rank 0's weights)
         self.tokenizer = (backbones.load_tokenizer(backbone, revision=revision, trust_remote_code=trust_remote_code or None)
                           if self.uses_tokenizer else None)
         self.strict_loading = False  # checkpoints hold only what trained; on_load_checkpoint checks the rest
@@ -147,11 +149,16 @@ class PeftTask(LightningModule, abc.ABC):
 
     def loading_dtype(self) -> str:
         """The ``dtype`` the backbone loads in, ``default`` resolved: bf16 (fp16) where the run's precision
-        is bf16 (16) on a CUDA device that has it, float32 elsewhere; the CPU keeps float32 unless asked."""
+        is bf16 (16) on a CUDA device that has it, float32 elsewhere; the CPU keeps float32 unless asked.
+        Also float32 where the method trains the pretrained weights themselves (full, partial, GaLore: they
+        start from the checkpoint's values, not bf16-rounded ones) and under FSDP1, whose flat buffers hold
+        one dtype (its mixed precision computes in bf16 from float32 storage)."""
         if self.backbone_dtype != "default":
             return self.backbone_dtype
         trainer = self._trainer
-        if trainer is None or trainer.strategy.root_device.type != "cuda":
+        if trainer is None or trainer.strategy.root_device.type != "cuda" or sharding.is_fsdp1(trainer.strategy):
+            return "float32"
+        if self.method is None or self.method.trains_pretrained_weights:
             return "float32"
         precision = str(getattr(trainer.precision_plugin, "precision", ""))
         if precision.startswith("bf16") and torch.cuda.is_bf16_supported():
@@ -187,6 +194,7 @@ class PeftTask(LightningModule, abc.ABC):
         """Load the pretrained backbone once (no method applied); ``kwargs`` go to ``from_pretrained``."""
         if self.backbone is None:
             # from_pretrained returns eval mode, and Lightning keeps modules' modes: dropout must be on
+            self.built_empty = self.builds_empty()  # what load_backbone does on this rank (hub_kwargs' meta)
             self.backbone = self.load_backbone(**kwargs).train()
             if self.gradient_checkpointing:
                 enable_gradient_checkpointing(self.backbone)
@@ -213,19 +221,18 @@ class PeftTask(LightningModule, abc.ABC):
         there), the method rewrites it, the strategy's own sharding (FSDP2) goes on, then ``compile``.
         Lightning calls this once per ``fit`` / ``validate`` / ``test``; the model is built once. A
         backbone loaded before (``configure_backbone``) gets the method applied to it."""
-        if self._built:
-            return
         trainer = self._trainer
-        if self.method is not None:
-            self.configure_backbone(**self.method.backbone_kwargs(trainer))
-            self.method.apply(self, trainer)
-            self.method.task = self
-        else:
-            self.configure_backbone()
-        self._built = True
-        self.check_trainable()
-        self.keep_trainable_in_float32()
-        if trainer is not None:
+        if not self._built:
+            if self.method is not None:
+                self.configure_backbone(**self.method.backbone_kwargs(trainer))
+                self.method.apply(self, trainer)
+                self.method.task = self
+            else:
+                self.configure_backbone()
+            self._built = True
+            self.check_trainable()
+        if trainer is not None:  # also for a model built before the run (attach): what the strategy needs
+            self.keep_trainable_in_float32()
             sharding.shard(self, trainer.strategy)
         if self.compile_backbone and getattr(self.backbone, "_compiled_call_impl", None) is None:
             self.backbone.compile()  # lazily: the first batch compiles; a new batch shape may recompile once
@@ -233,10 +240,18 @@ class PeftTask(LightningModule, abc.ABC):
     def keep_trainable_in_float32(self) -> None:
         """Under mixed precision (autocast), frozen weights stay in the loading dtype (bf16 on a GPU) and
         trained ones are upcast to float32, so the optimizer steps in full precision (bf16 keeps 8 bits
-        of mantissa: small updates vanish). Under FSDP1 a flat buffer holds one dtype, and without
-        autocast the layers would meet two dtypes, so there everything keeps the loading dtype."""
+        of mantissa: small updates vanish). Under FSDP1 a flat buffer holds one dtype, so there everything
+        takes the frozen weights' dtype (float32 under ``dtype: default``); without autocast the layers would
+        meet two dtypes, so there too everything keeps the loading dtype."""
         trainer = self._trainer
-        if trainer is None or sharding.is_fsdp1(trainer.strategy):
+        if trainer is None:
+            return
+        if sharding.is_fsdp1(trainer.strategy):
+            # one dtype a flat buffer: adapters peft or a method built in float32 follow the frozen weights
+            dtype = self.weights_dtype
+            for param in self.parameters():
+                if param.is_floating_point() and param.dtype != dtype:
+                    param.data = param.data.to(dtype)
             return
         if not str(getattr(trainer.precision_plugin, "precision", "")).endswith("-mixed"):
             return
@@ -322,6 +337,11 @@ class PeftTask(LightningModule, abc.ABC):
             optimizer = own
         elif self.optimizer_factory is not None:
             optimizer = self.optimizer_factory(groups)  # the groups' lr and weight_decay override the defaults
+            if optimizer.defaults.get("fused") and not self._fused_optimizer_ok():
+                raise ConfigError(f"a fused {type(optimizer).__name__} cannot run in this run: Lightning refuses an "
+                                  "optimizer that unscales its own gradients with gradient clipping under mixed "
+                                  f"precision and under the {type(self.trainer.precision_plugin).__name__} plugin; "
+                                  "set fused: false (or trainer.gradient_clip_val: null)")
         else:
             optimizer = adamw(groups, lr, fused=self._fused_optimizer_ok())
         if self.scheduler_factory is not None:
@@ -372,6 +392,12 @@ class PeftTask(LightningModule, abc.ABC):
     def keep_frozen_batch_norms(self) -> None:
         for _, module in self._batch_norms(trained=False):
             module.eval()
+
+    def on_fit_start(self) -> None:
+        if self.method is not None and not self._built:
+            raise ConfigError(f"{type(self).__name__}.configure_model did not build the model: a subclass that overrides "
+                              "configure_model must call super().configure_model(), which loads the backbone and "
+                              "applies the method")
 
     def on_train_start(self) -> None:
         # Lightning keeps each module's mode rather than calling train(): the backbone loaded in train mode

@@ -72,7 +72,7 @@ class Forecasting(PeftTask):
         lr_multipliers: Optional[dict[str, float]] = None,
         weight_decay_multipliers: Optional[dict[str, float]] = None,
         compile: bool = False,
-        attn_implementation: Optional[str] = "sdpa",
+        attn_implementation: Optional[str] = None,
         revision: Optional[str] = None,
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
@@ -183,7 +183,10 @@ class Forecasting(PeftTask):
     # ---- forecasting -------------------------------------------------------------------------
     def forecast(self, past_values: torch.Tensor, freq: torch.Tensor, horizon: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(mean (B, horizon), quantiles (B, horizon, Q) or None) from contexts (B, T)."""
-        past_values = past_values.to(self.weights_dtype)
+        # under autocast the series stay float32 (autocast casts for the matmuls; the scaling TimesFM does
+        # first keeps full precision); without it they take the weights' dtype
+        autocast = torch.is_autocast_enabled(past_values.device.type)
+        past_values = past_values.to(torch.float32 if autocast else self.weights_dtype)
         if self.architecture == "patchtst":
             return self._patchtst(past_values, horizon), None
         out = self._timesfm_steps(past_values, freq, horizon)

@@ -32,8 +32,27 @@ def test_default_dtype_follows_the_device_and_precision(tiny_bert, monkeypatch, 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_ok)
     task = SequenceClassification(backbone=tiny_bert)
     task._trainer = fake_trainer(device, precision)
+    task.use_method(methods.LoRA(r=4))
     assert task.loading_dtype() == expected
     assert SequenceClassification(backbone=tiny_bert, dtype="float16").loading_dtype() == "float16"  # asked: kept
+    for trains_the_weights in (methods.FullFineTune(), methods.GaLore(rank=4), None):  # None: full fine-tuning
+        full = SequenceClassification(backbone=tiny_bert)
+        full._trainer = fake_trainer(device, precision)
+        if trains_the_weights is not None:
+            full.use_method(trains_the_weights)
+        assert full.loading_dtype() == "float32"  # from the checkpoint's values, not bf16-rounded ones
+
+
+def test_default_dtype_is_float32_under_fsdp1(tiny_bert, monkeypatch) -> None:
+    """FSDP1's flat buffers hold one dtype; its mixed precision computes in bf16 from float32 storage."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(FSDPStrategy, "root_device", property(lambda self: torch.device("cuda", 0)))
+    task = SequenceClassification(backbone=tiny_bert)
+    task._trainer = SimpleNamespace(strategy=FSDPStrategy(), precision_plugin=SimpleNamespace(precision="bf16-mixed"))
+    task.use_method(methods.LoRA(r=4))
+    assert task.loading_dtype() == "float32"
 
 
 def test_auto_dtype_is_the_checkpoints_own(tiny_bert, tmp_path) -> None:
@@ -58,10 +77,12 @@ def test_bad_loading_options_are_one_line(tiny_bert) -> None:
         SequenceClassification(backbone=tiny_bert, attn_implementation="flash_attention_2")
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", [None, "sdpa", "eager"])
 def test_attention_kernel_is_the_one_asked_for(tiny_bert, attn) -> None:
+    """Unset, transformers chooses (sdpa where the architecture has it; eager for those that do not, which a
+    forced sdpa would refuse to load)."""
     task = SequenceClassification(backbone=tiny_bert, attn_implementation=attn)
-    assert task.configure_backbone().config._attn_implementation == attn
+    assert task.configure_backbone().config._attn_implementation == (attn or "sdpa")
 
 
 def test_bf16_mixed_keeps_frozen_weights_in_bf16_and_trains_float32(tiny_bert, toy_data) -> None:
@@ -145,3 +166,59 @@ def test_gradient_checkpointing_on_a_causal_lm_keeps_the_checkpoint_portable(tin
     plain = CausalLM(backbone=tiny_llama)
     methods.LoRA(r=4).attach(plain)
     assert task.trained_keys() == plain.trained_keys()
+
+
+def test_a_forecaster_builds_empty_on_the_meta_device(tiny_timesfm) -> None:
+    """What a rank other than 0 builds under FSDP: the forecasting task passes a model class, not an Auto class."""
+    from transformers import TimesFmModelForPrediction
+
+    from lit_peft import backbones
+
+    model = backbones.load_model(tiny_timesfm, TimesFmModelForPrediction, dtype="float32", meta=True)
+    real = TimesFmModelForPrediction.from_pretrained(tiny_timesfm)
+    assert all(p.is_meta for p in model.parameters())
+    assert {n: p.shape for n, p in model.named_parameters()} == {n: p.shape for n, p in real.named_parameters()}
+
+
+def test_merge_and_export_rebuild_without_the_runs_training_options(tiny_llama) -> None:
+    """A run with flash attention (not installed where the checkpoint is merged), gradient checkpointing and
+    compile rebuilds for merge/export without them."""
+    from lit_peft.export import for_inference
+    from lit_peft.tasks.base import build
+
+    spec = CausalLM(backbone=tiny_llama).spec()
+    spec["init_args"].update(attn_implementation="flash_attention_2", gradient_checkpointing=True, compile=True)
+    with pytest.raises(ConfigError, match="flash_attn"):
+        build(spec)
+    task = build(for_inference(spec))
+    assert task.loading.attn_implementation is None and not task.gradient_checkpointing and not task.compile_backbone
+
+
+def test_a_subclass_that_builds_its_own_model_without_super_is_told(tiny_bert, toy_data) -> None:
+    from lit_peft.data import SST2Data
+
+    class Mine(SequenceClassification):
+        def configure_model(self) -> None:  # forgets super().configure_model(): the method would never apply
+            if self.backbone is None:
+                self.backbone = self.load_backbone()
+
+    with pytest.raises(ConfigError, match="must call super\\(\\).configure_model\\(\\)"):
+        quiet_trainer(max_steps=1, callbacks=[methods.LoRA(r=4)]).fit(
+            Mine(backbone=tiny_bert), datamodule=SST2Data(data_dir=str(toy_data), batch_size=8, max_length=16))
+
+
+def test_eva_reads_its_batches_on_the_cpu_whatever_the_default_device(tiny_bert, toy_data) -> None:
+    """EVA runs in configure_model, under Lightning's root device as torch's default device (a GPU there); the
+    samplers draw with CPU generators, which fail under another default device. The meta device stands in for
+    the GPU here: the batches still come, on the CPU."""
+    from lit_peft.data import SST2Data
+    from lit_peft.methods.lora import _Unlabelled
+
+    data = SST2Data(data_dir=str(toy_data), batch_size=8, max_length=16, tokenizer=tiny_bert)
+    data.setup("fit")
+    with torch.device("meta"):
+        with pytest.raises(RuntimeError):  # the failure EVA met: a CPU generator under another default device
+            next(iter(data.train_dataloader()))
+        batches = list(_Unlabelled(data.train_dataloader))
+    assert len(batches) == len(data.train_dataloader()) and batches[0]["input_ids"].device.type == "cpu"
+    assert "labels" not in batches[0]

@@ -90,3 +90,17 @@ def test_matmul_precision_key_sets_torchs(tiny_bert, monkeypatch) -> None:
                args=["--config", str(ROOT / "configs" / "lora_sst2.yaml"), "--model.init_args.backbone", tiny_bert,
                      "--matmul_precision", "high", "--trainer.accelerator", "cpu"])
     assert seen == ["high"]
+
+
+def test_a_fused_optimizer_with_clipping_under_mixed_precision_is_one_clear_error(tiny_bert) -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    task = SequenceClassification(backbone=tiny_bert, optimizer=functools.partial(torch.optim.AdamW, fused=True))
+    methods.LoRA(r=4).attach(task)
+    task._trainer = SimpleNamespace(precision_plugin=MixedPrecision("bf16-mixed", "cpu"), gradient_clip_val=1.0)
+    with pytest.raises(ConfigError, match="set fused: false"):
+        task.configure_optimizers()
+    task._trainer = SimpleNamespace(precision_plugin=MixedPrecision("bf16-mixed", "cpu"), gradient_clip_val=None)
+    assert task.configure_optimizers()["optimizer"].defaults["fused"] is True
