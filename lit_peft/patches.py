@@ -20,6 +20,13 @@
   no public setter once the strategy exists) and broadcasts what trains and the buffers itself
   (``lit_peft.sharding.sync_trained``). A user's explicit ``init_sync`` is kept. Test: ``tests/methods/
   test_ddp_methods.py`` (every method's trained state equal on both ranks) and ``tests/test_patches.py``.
+- ``gather_only_what_trains``: with a full (gathered) checkpoint, Lightning's FSDP1 and FSDP2 strategies
+  gather every weight of the model on rank 0 at each save (``lightning_module_state_dict``), frozen
+  backbone included, only for lit-peft to keep what trained: a 70B model would need its whole bf16 copy
+  (140 GB) in rank 0's host memory at every checkpoint. The strategy's method is replaced, on the
+  instance, by torch's ``get_model_state_dict`` with ``ignore_frozen_params``: only what trains is
+  gathered, plus the buffers. Sharded checkpoints gather nothing and keep Lightning's method. Test:
+  ``tests/test_fsdp.py`` (what a full save gathers, checkpoint contents, exact resume).
 """
 
 from __future__ import annotations
@@ -57,3 +64,27 @@ def ddp_without_init_sync(strategy) -> bool:
     kwargs = strategy._ddp_kwargs
     kwargs.setdefault("init_sync", False)
     return not kwargs["init_sync"]
+
+
+def gather_only_what_trains(strategy) -> None:
+    """Replace ``strategy.lightning_module_state_dict`` (FSDP1 with ``state_dict_type: full``, FSDP2 with
+    ``save_distributed_checkpoint: false``) by a gather of the trainable parameters and the buffers; the
+    full state dict lands on rank 0 only (offloaded to its host), except on a CPU, where there is nothing
+    to offload (and torch 2.13's FSDP1 offload path crashes), so every rank gets it (it is small)."""
+    if getattr(strategy, "_lit_peft_trained_only", False):
+        return
+    original = strategy.lightning_module_state_dict
+
+    def trained_only():
+        full = getattr(strategy, "_state_dict_type", None) == "full" or \
+            getattr(strategy, "_save_distributed_checkpoint", True) is False
+        if not full:
+            return original()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        offload = strategy.root_device.type != "cpu"
+        options = StateDictOptions(full_state_dict=True, cpu_offload=offload, ignore_frozen_params=True)
+        return get_model_state_dict(strategy.model, options=options)
+
+    strategy.lightning_module_state_dict = trained_only
+    strategy._lit_peft_trained_only = True

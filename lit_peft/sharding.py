@@ -92,7 +92,7 @@ def shard(task: nn.Module, strategy: Any) -> None:
     (``lit_peft.patches``); under DDP what trains is broadcast instead of DDP's sync of every weight."""
     if is_fsdp1(strategy):
         from lit_peft.errors import ConfigError
-        from lit_peft.patches import partial_sharded_load
+        from lit_peft.patches import gather_only_what_trains, partial_sharded_load
 
         if strategy.world_size == 1 and any(not p.requires_grad for p in task.parameters()):
             # FSDP1 on one process is NO_SHARD, where torch's use_orig_params path asserts on frozen parameters
@@ -101,6 +101,7 @@ def shard(task: nn.Module, strategy: Any) -> None:
                               "fails at its second step there); on one device drop the strategy, or use FSDP2: "
                               "--config configs/trainer/fsdp2.yaml")
         partial_sharded_load()
+        gather_only_what_trains(strategy)
         if task.built_empty and strategy.kwargs.get("param_init_fn") is None:
             # FSDP materialises meta modules with reset_parameters(), which norms and rotary embeddings lack;
             # empty storage is enough, since sync_module_states then sends rank 0's values
@@ -112,9 +113,10 @@ def shard(task: nn.Module, strategy: Any) -> None:
             sync_trained(task)
     if not is_fsdp2(strategy) or getattr(task, "_lit_peft_sharded", False):
         return
-    from lit_peft.patches import partial_sharded_load
+    from lit_peft.patches import gather_only_what_trains, partial_sharded_load
 
     partial_sharded_load()  # a resume from save_distributed_checkpoint: true loads what the checkpoint holds
+    gather_only_what_trains(strategy)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from lit_peft.errors import ConfigError

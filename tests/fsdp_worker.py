@@ -115,7 +115,22 @@ def run(kind: str, method_id: str, world: int, tiny_llama: str, toy_gsm8k: str, 
     return {"task_class": type(task).__name__, "trained_keys": sorted(task.trained_keys()),
             "named_parameters_sample": next(n for n, p in task.named_parameters() if p.requires_grad),
             "built_empty": built_empty, "frozen_vs_pretrained": frozen_difference(trainer, task, tiny_llama),
-            "fully_sharded": isinstance(task.backbone, FSDPModule)}
+            "fully_sharded": isinstance(task.backbone, FSDPModule), "gathered": gathered_for_a_save(trainer, task)}
+
+
+def gathered_for_a_save(trainer, task):
+    """What the strategy gathers on rank 0 for a checkpoint (before lit-peft keeps what trained): the names of
+    the parameters among them, and how many of those are frozen."""
+    if getattr(trainer.strategy, "_state_dict_type", "full") == "sharded" or \
+            getattr(trainer.strategy, "_save_distributed_checkpoint", False):
+        return None
+    gathered = trainer.strategy.lightning_module_state_dict()
+    params = {n for n, _ in task.named_parameters()}
+    from lit_peft.sharding import canonical
+
+    names = {canonical(n): p.requires_grad for n, p in task.named_parameters()}
+    keys = [k for k in gathered if k in names]
+    return {"parameters": len(keys), "frozen": sum(not names[k] for k in keys), "all_parameters": len(params)}
 
 
 def frozen_difference(trainer, task, tiny_llama: str):
@@ -126,7 +141,11 @@ def frozen_difference(trainer, task, tiny_llama: str):
     if getattr(trainer.strategy, "_state_dict_type", "full") == "sharded" or \
             getattr(trainer.strategy, "_save_distributed_checkpoint", False):
         return None  # each rank holds ShardedTensors: the full and FSDP2 cases check the gathered weights
-    gathered = trainer.strategy.lightning_module_state_dict()  # a collective: every rank calls it
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # every weight, gathered (a collective: every rank calls it); not the strategy's save, which gathers
+    # only what trains
+    gathered = get_model_state_dict(trainer.strategy.model, options=StateDictOptions(full_state_dict=True))
     if trainer.global_rank != 0:
         return None
     pretrained = AutoModelForCausalLM.from_pretrained(tiny_llama).state_dict()

@@ -97,6 +97,9 @@ def test_sharded_run_saves_what_trained_and_resumes_exactly(world, case, fsdp_ru
     # (a model built before the run, by method.attach, loaded on every rank and is sharded all the same)
     assert got["first"]["built_empty"] == [False] + [kind in ("fsdp2", "fsdp2-sharded")] * (world - 1)
     assert got["first"]["fully_sharded"] is kind.startswith("fsdp2")
+    if not kind.endswith("-sharded"):  # a full save gathers what trains, not the frozen backbone
+        gathered = got["first"]["gathered"]
+        assert gathered["frozen"] == 0 and 0 < gathered["parameters"] < gathered["all_parameters"]
     for run in ("first", "second") if not kind.endswith("-sharded") else ():
         assert got[run]["frozen_vs_pretrained"]["compared"] >= 16
         assert got[run]["frozen_vs_pretrained"]["max"] == 0.0
