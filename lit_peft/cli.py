@@ -7,7 +7,9 @@ top-level keys of our own, both Callbacks that join ``trainer.callbacks``:
 - ``method``: the fine-tuning method (default: full fine-tuning),
 - ``report``: the efficiency figures and ``summary.json`` (on by default),
 - ``predictions``: where ``predict`` writes (JSONL, or CSV for forecasts; the run folder by default),
-- ``matmul_precision``: ``torch.set_float32_matmul_precision`` (``high``: TF32 on GPUs; the GPU presets).
+- ``matmul_precision``: ``torch.set_float32_matmul_precision`` (``high``: TF32 on GPUs; the GPU presets),
+- ``optimizer`` / ``lr_scheduler``: LightningCLI's keys, any class by ``class_path``, handed to the task, which
+  builds them over the method's parameter groups.
 
 ``merge`` and ``export`` turn a checkpoint into a merged transformers model folder or a PEFT
 adapter folder; ``slurm`` renders an sbatch script from a template in ``slurm/`` and submits it;
@@ -25,7 +27,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import (LightningArgumentParser, LightningCLI, LRSchedulerCallable, OptimizerCallable,
+                                   SaveConfigCallback)
 
 from lit_peft import __version__, checkpoints, quiet, slurm
 from lit_peft.cli_errors import short_message
@@ -83,6 +86,12 @@ class LitPeftCLI(LightningCLI):
         parser.set_defaults({"method": {"class_path": "lit_peft.methods.FullFineTune"}})
         parser.add_lightning_class_args(EfficiencyReport, "report")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_argument("--optimizer", type=Optional[OptimizerCallable], default=None,
+                            help="any optimizer by class_path, built over the method's parameter groups (the task's "
+                                 "`optimizer` argument; configs/optim/ has presets)")
+        parser.add_argument("--lr_scheduler", type=Optional[LRSchedulerCallable], default=None,
+                            help="any learning-rate scheduler by class_path, stepped every optimizer step (the task's "
+                                 "`lr_scheduler` argument)")
         parser.add_argument("--matmul_precision", type=Optional[Literal["highest", "high", "medium"]], default=None,
                             help="torch.set_float32_matmul_precision before the run: high lets float32 matmuls use "
                                  "TF32 tensor cores on Ampere and later GPUs (the GPU presets); unset: torch's default")
@@ -114,6 +123,7 @@ class LitPeftCLI(LightningCLI):
             import torch
 
             torch.set_float32_matmul_precision(config["matmul_precision"])
+        optimizer_into_model(config)
         runs_under_root(config["trainer"])
         if self.subcommand == "fit":  # in a Slurm batch job: the job's own run folder
             slurm.key_run_folder(self.config["fit"]["trainer"])
@@ -130,6 +140,23 @@ class LitPeftCLI(LightningCLI):
 
 
 ROOT = "{default_root_dir}"  # a logger's save_dir that stands for trainer.default_root_dir
+
+
+def optimizer_into_model(config) -> None:
+    """LightningCLI's top-level ``optimizer:`` / ``lr_scheduler:`` keys become the task's arguments of the same
+    names, which build them over the method's parameter groups (LightningCLI's own would ignore the groups)."""
+    for key in ("optimizer", "lr_scheduler"):
+        value = config.get(key)
+        if value is None:
+            continue
+        model = config.get("model")
+        init = model.get("init_args") if hasattr(model, "get") else None
+        if init is None or key not in init:
+            raise ConfigError(f"{key}: the model ({getattr(model, 'class_path', model)}) takes no `{key}` argument; "
+                              "a lit-peft task does (subclass one, or build the optimizer in configure_optimizers)")
+        if init[key] is not None:
+            raise ConfigError(f"{key} is given twice (top-level `{key}:` and model.init_args.{key}); give it once")
+        init[key], config[key] = value, None
 
 
 def shards(strategy) -> bool:

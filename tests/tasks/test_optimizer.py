@@ -104,3 +104,30 @@ def test_a_fused_optimizer_with_clipping_under_mixed_precision_is_one_clear_erro
         task.configure_optimizers()
     task._trainer = SimpleNamespace(precision_plugin=MixedPrecision("bf16-mixed", "cpu"), gradient_clip_val=None)
     assert task.configure_optimizers()["optimizer"].defaults["fused"] is True
+
+
+def test_lightningclis_top_level_optimizer_key_goes_to_the_task(tiny_bert, toy_data, tmp_path, capsys) -> None:
+    """`optimizer:` / `lr_scheduler:` at the top of a config (LightningCLI's keys) are the task's, built over the
+    method's groups; given twice, or to a model that takes none, they are one clear line."""
+    from lit_peft.cli import main
+
+    base = ["fit", "--config", str(ROOT / "configs" / "lora_sst2.yaml"), "--model.init_args.backbone", tiny_bert,
+            "--data.init_args.data_dir", str(toy_data), "--data.init_args.tokenizer", tiny_bert, "--trainer.max_steps", "2",
+            "--trainer.limit_val_batches", "0", "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.enable_progress_bar", "false"]
+    from lit_peft.cli import LitPeftCLI, trainer_defaults
+    from lightning.pytorch import LightningDataModule, LightningModule
+
+    cli = LitPeftCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                     auto_configure_optimizers=False, trainer_defaults=trainer_defaults(),
+                     args=base + ["--optimizer", "torch.optim.SGD", "--optimizer.momentum", "0.9",
+                                  "--lr_scheduler", "torch.optim.lr_scheduler.ConstantLR", "--lr_scheduler.factor", "0.5"])
+    optimizer = cli.trainer.optimizers[0]
+    assert type(optimizer) is torch.optim.SGD and optimizer.defaults["momentum"] == 0.9
+    assert type(cli.trainer.lr_scheduler_configs[0].scheduler).__name__ == "ConstantLR"
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == \
+        {id(p) for p in cli.model.parameters() if p.requires_grad}
+    with pytest.raises(SystemExit) as done:
+        main(base + ["--optimizer", "torch.optim.SGD", "--model.init_args.optimizer", "torch.optim.Adam",
+                     "--trainer.default_root_dir", str(tmp_path / "twice")])
+    assert done.value.code == 2 and "optimizer is given twice" in capsys.readouterr().err
