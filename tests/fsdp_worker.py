@@ -96,7 +96,8 @@ def strategy(kind: str, world: int):
                                  save_distributed_checkpoint=kind == "fsdp2-sharded", process_group_backend="gloo")
 
 
-METHODS = {"lora": lambda: methods.LoRA(r=4, alpha=8, dropout=0.0), "houlsby": lambda: methods.Houlsby(bottleneck=8)}
+METHODS = {"lora": lambda: methods.LoRA(r=4, alpha=8, dropout=0.0), "houlsby": lambda: methods.Houlsby(bottleneck=8),
+           "full": methods.FullFineTune}
 
 
 def run(kind: str, method_id: str, world: int, tiny_llama: str, toy_gsm8k: str, folder: Path, resume: bool) -> dict:
@@ -113,7 +114,8 @@ def run(kind: str, method_id: str, world: int, tiny_llama: str, toy_gsm8k: str, 
     built_empty = [None] * world
     dist.all_gather_object(built_empty, task.built_empty)
     return {"task_class": type(task).__name__, "trained_keys": sorted(task.trained_keys()),
-            "named_parameters_sample": next(n for n, p in task.named_parameters() if p.requires_grad),
+            "named_parameters_sample": next((n for n, p in task.named_parameters() if p.requires_grad and
+                                             "_fsdp_wrapped_module" in n), "no trained name with a wrapper segment"),
             "built_empty": built_empty, "frozen_vs_pretrained": frozen_difference(trainer, task, tiny_llama),
             "fully_sharded": isinstance(task.backbone, FSDPModule), "gathered": gathered_for_a_save(trainer, task)}
 
