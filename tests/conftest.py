@@ -75,6 +75,20 @@ def quiet_trainer(**kwargs):
     return Trainer(**defaults)
 
 
+def torchrun(script: Path, nproc: int, *args: str, timeout: int = 900) -> "subprocess.CompletedProcess[str]":
+    """Run a test worker under ``torch.distributed.run`` with ``nproc`` CPU processes (gloo) on a free port."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                           "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
 LLAMA_H, LLAMA_KV, LLAMA_INTER = 32, 16, 64  # hidden, key/value width (2 of 4 heads), feed-forward
 
 

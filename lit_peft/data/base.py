@@ -21,7 +21,7 @@ from lightning.pytorch import LightningDataModule
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
-from lit_peft.data.samplers import EpochShuffle, LengthGroupedShuffle, LengthSorted  # noqa: F401 (EpochShuffle re-exported)
+from lit_peft.data.samplers import EpochShuffle, EvalShard, LengthGroupedShuffle, LengthSorted  # noqa: F401 (EpochShuffle re-exported)
 from lit_peft.errors import ConfigError
 
 
@@ -178,9 +178,12 @@ class SplitDataModule(LightningDataModule):
             return StatefulDataLoader(dataset, batch_size=h.batch_size, sampler=sampler,
                                       generator=torch.Generator().manual_seed(h.seed),
                                       collate_fn=self.collate_fn(True), num_workers=h.num_workers)
+        sampler = LengthSorted(lengths) if lengths is not None else None
+        world, rank = self._replicas()
+        if world > 1:  # each row scored on one rank only (Lightning's padding sampler counts some twice)
+            sampler = EvalShard(list(sampler) if sampler is not None else list(range(len(dataset))), world, rank)
         # a generator of its own, so iterating does not draw from the global random stream (exact resume)
-        return DataLoader(dataset, batch_size=h.eval_batch_size or h.batch_size,
-                          sampler=LengthSorted(lengths) if lengths is not None else None, shuffle=False,
+        return DataLoader(dataset, batch_size=h.eval_batch_size or h.batch_size, sampler=sampler, shuffle=False,
                           collate_fn=self.collate_fn(False), num_workers=h.num_workers,
                           generator=torch.Generator().manual_seed(h.seed))
 

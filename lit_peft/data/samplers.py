@@ -1,6 +1,6 @@
 """The orders rows are fed in: a fresh shuffle per epoch (``EpochShuffle``), batches of similar
-length for training (``LengthGroupedShuffle``, the default for text), and evaluation rows sorted by
-length (``LengthSorted``).
+length for training (``LengthGroupedShuffle``, the default for text), evaluation rows sorted by
+length (``LengthSorted``), and each process's evaluation rows, none counted twice (``EvalShard``).
 
 Our own rather than transformers' ``LengthGroupedSampler`` (what ``Trainer(group_by_length=True)``
 uses): that one draws from the global random stream, so a resumed run cannot redraw the epoch; its
@@ -119,10 +119,45 @@ class LengthGroupedShuffle(EpochShuffle):
         return iter([int(i) for batch in self.global_batches() for i in batch[r::world]])
 
 
+class EvalShard(DistributedSampler):
+    """One process's evaluation rows, every row on exactly one process: rank ``r`` of ``num_replicas``
+    takes every ``num_replicas``-th row of ``order`` (the evaluation order: dataset order, or longest
+    first) from ``r`` on.
+
+    Lightning's own ``DistributedSampler`` pads every rank to the same length with repeated rows, which
+    the metrics then count twice (101 SST-2 rows on 2 ranks score 102; GSM8K's 1,319 test problems on
+    8 GPUs count one twice). Not padding at all would give ranks different numbers of batches, and a
+    sharded model's forward (FSDP) is a collective every rank must join. So a rank short of a row
+    repeats its last one, and ``real_rows`` says how many rows of a batch are its own: the task drops
+    the others before it scores (``PeftTask.validation_step``). A ``DistributedSampler``, so that
+    Lightning does not wrap it in its padding one."""
+
+    def __init__(self, order: list[int], num_replicas: int = 1, rank: int = 0) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        self.order, self.num_replicas, self.rank = list(order), num_replicas, rank
+        self.shuffle, self.drop_last, self.epoch, self.seed = False, False, 0, 0
+        self.mine = self.order[rank::num_replicas]
+        self.num_samples = math.ceil(len(self.order) / num_replicas)
+        self.total_size = self.num_samples * num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        filler = (self.mine or self.order)[-1:] * (self.num_samples - len(self.mine))
+        return iter(self.mine + filler)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def real_rows(self, batch_idx: int, batch_size: int, rows: int) -> int:
+        """How many of the ``rows`` of batch ``batch_idx`` (batches of ``batch_size``) are this rank's own;
+        the rest repeat a row another rank scores."""
+        return max(0, min(rows, len(self.mine) - batch_idx * batch_size))
+
+
 class LengthSorted(Sampler):
     """Evaluation rows, longest first, so each batch pads to nearly its own rows' length. Metrics
     are sums over rows and do not care about order; ``predict`` writes its rows back in dataset order
-    (``PredictionWriter``). Under DDP Lightning shards this order across ranks (every rank gets rows of
+    (``PredictionWriter``). Under DDP ``EvalShard`` shards this order across ranks (every rank gets rows of
     similar lengths)."""
 
     def __init__(self, lengths: torch.Tensor) -> None:
