@@ -27,9 +27,11 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from lit_peft import backbones, checkpoints, sharding
+from lit_peft.data.samplers import EvalShard
 from lit_peft.errors import ConfigError
 from lit_peft.methods.base import Method, default_param_groups
 from lit_peft.schedules import lazy_schedule
+from lit_peft.tasks.token_mean import TokenMean
 
 #: attribute names of classification / regression heads in transformers models
 HEAD_NAMES = ("classifier", "score", "pre_classifier", "qa_outputs")
@@ -299,13 +301,38 @@ class PeftTask(LightningModule, abc.ABC):
         (SIFT's and RoSA's mask selection) differentiate."""
         raise NotImplementedError(f"{type(self).__name__} does not define `loss(batch)`, which this method needs")
 
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(summed loss, how many items it sums) for a task whose training loss is a mean over items of
+        varying number per row (a language model's response tokens): trained as the mean over the whole
+        optimizer step (``TokenMean``). ``None`` (the default): ``step``'s per-batch mean is the loss."""
+        return None
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.step(batch, "train")
-        extra = self.method.regularization(self) if self.method is not None else None
+        terms = self.loss_terms(batch)
+        if terms is None:
+            loss, closing = self.step(batch, "train"), True
+        else:
+            if getattr(self, "_token_mean", None) is None:
+                self._token_mean = TokenMean()
+            loss = self._token_mean.micro_batch(self, *terms, batch_idx)
+            closing = TokenMean.window(self.trainer, batch_idx)[1]
+        extra = self.method.regularization(self) if self.method is not None and closing else None
         if extra is not None:
             self.log("train_regularization", extra, on_step=True, on_epoch=True, sync_dist=True)
-            loss = loss + extra
+            loss = loss + (extra if terms is None else self._token_mean.unscaled(extra, self.trainer.accumulate_grad_batches))
         return loss
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        super().backward(loss, *args, **kwargs)
+        if getattr(self, "_token_mean", None) is not None:
+            self._token_mean.rescale(self.parameters())
+
+    def log_mean(self, name: str, value: torch.Tensor, weight: float, **kwargs: Any) -> None:
+        """Log ``value`` for the epoch as the mean over every process's rows (or tokens), each batch weighted
+        by ``weight``. The weight goes to Lightning as a float: its running weight total is an integer
+        tensor that its cross-process mean truncates (51 + 50 rows on 2 ranks average to 50, so the loss
+        was divided by 100), and a float weight makes the total a float."""
+        self.log(name, value, on_epoch=True, batch_size=float(weight), sync_dist=True, **kwargs)  # type: ignore[arg-type]
 
     def log_accumulated(self, metric: Any, names: Callable[[Any], dict[str, torch.Tensor]], prog_bar: bool = True) -> None:
         """Log a metric (or MetricCollection) that accumulated over a stage's batches, once, at the
@@ -314,15 +341,49 @@ class PeftTask(LightningModule, abc.ABC):
         than logging the Metric objects every step, which makes Lightning move each one to the
         device on every call (0.7 ms a step for two on a CPU, ``benchmarks/throughput.py --tiny``)."""
         parts = metric.values() if hasattr(metric, "values") else [metric]
-        if any(m.update_count for m in parts):  # compute() syncs across processes
+        updates = torch.tensor(float(sum(m.update_count for m in parts)))
+        if self._trainer is not None and self.trainer.world_size > 1:  # a rank with no rows still joins the sync
+            updates = self.trainer.strategy.reduce(updates.to(self.device), reduce_op="sum")
+        if updates > 0:  # compute() syncs across processes
             self.log_dict(names(metric.compute()), prog_bar=prog_bar, sync_dist=True)  # equal on every rank
         metric.reset()
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.step(batch, "val")
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.evaluate(batch, batch_idx, "val", dataloader_idx)
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.step(batch, "test")
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.evaluate(batch, batch_idx, "test", dataloader_idx)
+
+    def evaluate(self, batch: dict[str, Any], batch_idx: int, stage: str, dataloader_idx: int = 0) -> None:
+        """Score the rows of the batch this process owns (``EvalShard``: under several processes a rank
+        short of a row repeats one another rank scores). A batch with none of its own still runs the
+        forward where the model is sharded (every rank must join FSDP's gathers), and scores nothing."""
+        own = self.own_rows(batch, batch_idx, stage, dataloader_idx)
+        if own is not None:
+            self.step(own, stage)
+        elif self._trainer is not None and (sharding.is_fsdp1(self.trainer.strategy) or sharding.is_fsdp2(self.trainer.strategy)):
+            with torch.no_grad():
+                self.discard_step(batch, stage)
+
+    def discard_step(self, batch: dict[str, Any], stage: str) -> None:
+        """What ``step`` runs on the model, scoring nothing: a sharded model's collectives for a batch
+        that is only another rank's rows."""
+        self.loss(batch)
+
+    def own_rows(self, batch: dict[str, Any], batch_idx: int, stage: str, dataloader_idx: int = 0) -> Optional[dict[str, Any]]:
+        """The batch cut to this process's own rows (``None`` where it has none)."""
+        if self._trainer is None:
+            return batch
+        loaders = getattr(self.trainer, f"{stage}_dataloaders", None)
+        loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+        sampler = getattr(loader, "sampler", None)
+        if not isinstance(sampler, EvalShard):
+            return batch
+        rows = batch_rows(batch)
+        keep = sampler.real_rows(batch_idx, loader.batch_size, rows)
+        if keep == rows:
+            return batch
+        return take_rows(batch, rows, keep) if keep else None
 
     def configure_optimizers(self) -> dict[str, Any]:
         lr, wd = self.optim.lr, self.optim.weight_decay
@@ -451,6 +512,23 @@ class PeftTask(LightningModule, abc.ABC):
             kind, keys, pos, has_gauss, gauss = rng["numpy"]
             np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
             self._rng_to_restore = None
+
+
+def batch_rows(batch: dict[str, Any]) -> int:
+    """Rows of a batch: the first dimension of its first tensor."""
+    return next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
+def take_rows(batch: dict[str, Any], rows: int, keep: int) -> dict[str, Any]:
+    """The first ``keep`` of a batch's ``rows`` rows: tensors and lists that hold one entry per row are cut."""
+    def cut(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows:
+            return value[:keep]
+        if isinstance(value, (list, tuple)) and len(value) == rows:
+            return value[:keep]
+        return value
+
+    return {key: cut(value) for key, value in batch.items()}
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

@@ -27,9 +27,10 @@ import torchmetrics
 from peft import PeftType
 from torch import nn
 
-from lit_peft import backbones
+from lit_peft import backbones, sharding
 from lit_peft.data.gsm8k import extract_answer
 from lit_peft.errors import ConfigError
+from lit_peft.tasks.rouge import RougeMean
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from lit_peft.tasks.base import PeftTask, eager
@@ -95,9 +96,7 @@ class CausalLM(PeftTask):
                                repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
         self.generate_in_validation = generate_in_validation
         self.val_exact_match, self.test_exact_match = torchmetrics.MeanMetric(), torchmetrics.MeanMetric()
-        from torchmetrics.text.rouge import ROUGEScore
-
-        self.val_rouge, self.test_rouge = ROUGEScore(rouge_keys=ROUGE_KEYS), ROUGEScore(rouge_keys=ROUGE_KEYS)
+        self.val_rouge, self.test_rouge = RougeMean(ROUGE_KEYS), RougeMean(ROUGE_KEYS)
 
     def load_backbone(self, **kwargs: Any) -> nn.Module:
         from transformers import AutoModelForCausalLM
@@ -118,24 +117,30 @@ class CausalLM(PeftTask):
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Mean cross-entropy of the response tokens. Computed here, never by passing ``labels=``:
-        peft's AdaLoRA adds its orthogonality term to a model-computed loss, and the method callback
-        adds it again in ``training_step`` (and it would leak into validation and test losses).
-        Model-side extras that need ``labels=`` (a mixture-of-experts router's auxiliary loss) are
-        not added."""
+        """Mean cross-entropy of the batch's response tokens (0 where it has none)."""
+        total, count = self.loss_terms(batch)
+        return total / count.clamp(min=1)
+
+    def loss_terms(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy of the response tokens and how many there are: training takes the mean
+        over the optimizer step's tokens on every process (``TokenMean``). Computed here, never by
+        passing ``labels=``: peft's AdaLoRA adds its orthogonality term to a model-computed loss, and
+        the method callback adds it again in ``training_step`` (and it would leak into validation and
+        test losses). Model-side extras that need ``labels=`` (a mixture-of-experts router's auxiliary
+        loss) are not added."""
         labels = batch["labels"]
         if self.response_logits_only():
             targets = torch.full_like(labels, -100)
             targets[:, :-1] = labels[:, 1:]  # position t predicts token t + 1
             keep = targets.ne(-100)
             logits = self(batch["input_ids"], batch["attention_mask"], logits_to_keep=keep).logits  # (kept, vocab)
-            return F.cross_entropy(logits.float(), targets[keep])
+            return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), keep.sum()
         logits = self(batch["input_ids"], batch["attention_mask"]).logits
         virtual = logits.shape[1] - labels.shape[1]  # prompt tuning's virtual tokens come first
         # the last virtual token predicts the first real one (a packed block may start inside a response)
         logits, targets = (logits[:, virtual - 1:-1], labels) if virtual > 0 else (logits[:, :-1], labels[:, 1:])
         keep = targets.ne(-100)
-        return F.cross_entropy(logits[keep].float(), targets[keep])
+        return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"), keep.sum()
 
     def response_logits_only(self) -> bool:
         """Whether the backbone can project just the kept positions (see the module's docstring)."""
@@ -154,15 +159,18 @@ class CausalLM(PeftTask):
         return int(labels.ne(-100).sum())
 
     def step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
-        loss = self.loss(batch)
-        if stage == "train":  # per step, weighted by rows (counting tokens would sync a GPU every step)
-            rows = batch["input_ids"].shape[0]
-            self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=rows, sync_dist=True)
-        else:  # the mean over all response tokens of the split, whatever the eval batch size
-            self.log(f"{stage}_loss", loss, on_epoch=True, prog_bar=True, batch_size=self.response_tokens(batch), sync_dist=True)
+        loss = self.loss(batch)  # training goes through ``loss_terms`` (``PeftTask.training_step``)
+        # the mean over all response tokens of the split, whatever the eval batch size
+        self.log_mean(f"{stage}_loss", loss, self.response_tokens(batch), prog_bar=True)
         if stage == "test" or (stage == "val" and self.generate_in_validation):
             self.score(self.generate(batch), batch["references"], stage)
         return loss
+
+    def discard_step(self, batch: dict[str, Any], stage: str) -> None:
+        """The forward passes ``step`` runs, scoring nothing (a sharded model's ranks must all join them)."""
+        self.loss(batch)
+        if stage == "test" or (stage == "val" and self.generate_in_validation):
+            self.generate_ids(batch)
 
     # ---- generation and scoring -------------------------------------------------------------------
     def generate(self, batch: dict[str, Any], sample: bool = False) -> list[str]:
@@ -181,6 +189,9 @@ class CausalLM(PeftTask):
             options.update(do_sample=True, temperature=g["temperature"], top_p=g["top_p"])
         else:
             options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if self._trainer is not None and self.trainer.world_size > 1 and (
+                sharding.is_fsdp1(self.trainer.strategy) or sharding.is_fsdp2(self.trainer.strategy)):
+            options["synced_gpus"] = True  # a sharded forward is a collective: ranks that stop early keep joining
         prompts = batch["prompt_input_ids"]
         with eager(self.backbone):  # a compiled forward would recompile at every new cache length
             out = self.backbone.generate(input_ids=prompts, attention_mask=batch["prompt_attention_mask"], **options)

@@ -92,7 +92,7 @@ class SequenceClassification(PeftTask):
         preds = logits.argmax(dim=-1)
         getattr(self, f"{stage}_metrics").update(preds, batch["labels"])
         size = batch["labels"].shape[0]
-        self.log(f"{stage}_loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True)
+        self.log_mean(f"{stage}_loss", loss, size, on_step=stage == "train", prog_bar=True)
         return loss
 
     def _log_epoch_metrics(self, stage: str) -> None:

@@ -283,7 +283,7 @@ class Forecasting(PeftTask):
     def step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         loss, mean = self._loss_and_forecast(batch)
         rows = batch["past_values"].shape[0]
-        self.log(f"{stage}_loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=rows, sync_dist=True)
+        self.log_mean(f"{stage}_loss", loss, rows, on_step=stage == "train", prog_bar=True)
         if stage != "train" and mean is not None:
             target = batch["future_values"]
             getattr(self, f"{stage}_metrics").update(mean.float(), target)
