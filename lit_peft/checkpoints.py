@@ -93,11 +93,85 @@ def mismatch(meta: dict[str, Any], task_spec: dict[str, Any], method_spec: Optio
     backbone = (task_spec.get("init_args") or {}).get("backbone")
     if saved_backbone and backbone and not _same_backbone(str(saved_backbone), str(backbone)):
         problems.append(f"backbone {saved_backbone} (this run: {backbone})")
-    if (saved_method.get("class_path") or None) != ((method_spec or {}).get("class_path") or None):
-        problems.append(f"method {short(saved_method)} (this run: {short(method_spec or {})})")
+    problems += method_mismatch(saved_method, method_spec)
     if not problems:
         return None
     return "it was trained with " + ", ".join(problems)
+
+
+def method_mismatch(saved: Optional[dict[str, Any]], given: Optional[dict[str, Any]]) -> list[str]:
+    """How a run's method differs from a checkpoint's record, in words: its class, or each init argument
+    that changes the trained model, with both values."""
+    saved, given = saved or {}, given or {}
+
+    def short(spec: dict[str, Any]) -> str:
+        return str(spec.get("class_path", "none")).rpartition(".")[2]
+
+    if not same_class(saved.get("class_path"), given.get("class_path")):
+        return [f"method {short(saved)} (this run: {short(given)})"]
+    return [f"method.init_args.{name}={show(theirs)} (this run: {show(ours)})" for name, theirs, ours in method_differences(saved, given)]
+
+
+def show(value: Any) -> str:
+    """A config value as a user would write it (8.0 as 8)."""
+    return f"{value:g}" if isinstance(value, float) else repr(value)
+
+
+def method_differences(saved: Optional[dict[str, Any]], given: Optional[dict[str, Any]]) -> list[tuple[str, Any, Any]]:
+    """(argument, checkpoint's value, this run's value) for each init argument of the same method class on
+    which a checkpoint's record and a run disagree, leaving out those the class marks ``training_only``
+    (dropout, an optimizer's settings): a LoRA trained at alpha 64 and evaluated at 16 is another model."""
+    saved, given = saved or {}, given or {}
+    path = saved.get("class_path")
+    if not path or not same_class(path, given.get("class_path")):
+        return []
+    ignored = getattr(_class(path), "training_only", frozenset({"dropout"}))
+    theirs, ours = plain(saved.get("init_args") or {}), plain(given.get("init_args") or {})
+    defaults = _defaults(path)
+    out = []
+    for name in sorted(set(theirs) | set(ours)):
+        a, b = theirs.get(name, defaults.get(name)), ours.get(name, defaults.get(name))
+        if name not in ignored and a != b:
+            out.append((name, a, b))
+    return out
+
+
+def same_class(a: Optional[str], b: Optional[str]) -> bool:
+    """Whether two class paths name one class (``lit_peft.methods.LoRA`` is ``lit_peft.methods.lora.LoRA``)."""
+    if (a or None) == (b or None):
+        return True
+    return bool(a and b) and _class(a) is not None and _class(a) is _class(b)
+
+
+def plain(value: Any) -> Any:
+    """A config value as plain data (namespaces as dicts, tuples as lists), so records compare by value."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items() if not str(k).startswith("__")}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def _class(path: str) -> Any:
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def _defaults(path: str) -> dict[str, Any]:
+    import inspect
+
+    cls = _class(path)
+    if cls is None:
+        return {}
+    return {p.name: plain(p.default) for p in inspect.signature(cls.__init__).parameters.values()
+            if p.default is not inspect.Parameter.empty}
 
 
 def _same_backbone(a: str, b: str) -> bool:

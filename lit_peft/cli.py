@@ -83,7 +83,7 @@ class SaveConfigToRunDir(SaveConfigCallback):
 class LitPeftCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(Method, "method", subclass_mode=True, required=False)
-        parser.set_defaults({"method": {"class_path": "lit_peft.methods.FullFineTune"}})
+        parser.set_defaults({"method": {"class_path": DEFAULT_METHOD}})
         parser.add_lightning_class_args(EfficiencyReport, "report")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_argument("--optimizer", type=Optional[OptimizerCallable], default=None,
@@ -111,7 +111,8 @@ class LitPeftCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if ckpt_path and str(ckpt_path) not in checkpoints.LIGHTNING_WORDS:
             # missing, truncated, foreign: one message before LightningCLI itself loads it
-            checkpoints.read(ckpt_path, "--ckpt_path")
+            ckpt = checkpoints.read(ckpt_path, "--ckpt_path")
+            method_as_trained(config, ckpt, ckpt_path)
             if Path(ckpt_path).is_dir() and not shards(config["trainer"].get("strategy")):
                 raise ConfigError(f"--ckpt_path '{ckpt_path}' is a sharded checkpoint folder, which only a sharded "
                                   "strategy loads: run with the strategy that wrote it (configs/trainer/fsdp.yaml or "
@@ -125,8 +126,14 @@ class LitPeftCLI(LightningCLI):
             torch.set_float32_matmul_precision(config["matmul_precision"])
         optimizer_into_model(config)
         runs_under_root(config["trainer"])
-        if self.subcommand == "fit":  # in a Slurm batch job: the job's own run folder
-            slurm.key_run_folder(self.config["fit"]["trainer"])
+        if self.subcommand == "fit":  # in a Slurm batch job: the job's own run folder, resumed where it can be
+            fit = self.config["fit"]
+            ckpt_path, key, said = slurm.requeue_start(fit["trainer"], fit.get("ckpt_path"))
+            slurm.key_run_folder(fit["trainer"], key)
+            if ckpt_path != fit.get("ckpt_path"):
+                fit["ckpt_path"] = ckpt_path
+            if said:
+                print(f"lit-peft: {said}", file=sys.stderr, flush=True)
 
     def before_fit(self) -> None:
         slurm.continue_csv_metrics(self.trainer, self.config_init["fit"].get("ckpt_path"))
@@ -139,6 +146,7 @@ class LitPeftCLI(LightningCLI):
         return self._instantiate_trainer({**self._get(self.config_init, "trainer", default={}), **kwargs}, extra)
 
 
+DEFAULT_METHOD = "lit_peft.methods.FullFineTune"
 ROOT = "{default_root_dir}"  # a logger's save_dir that stands for trainer.default_root_dir
 
 
@@ -157,6 +165,28 @@ def optimizer_into_model(config) -> None:
         if init[key] is not None:
             raise ConfigError(f"{key} is given twice (top-level `{key}:` and model.init_args.{key}); give it once")
         init[key], config[key] = value, None
+
+
+def method_as_trained(config, ckpt: dict, ckpt_path) -> None:
+    """Validate, test, predict and resume with the method as the checkpoint recorded it. A run that names
+    no method (the default, full fine-tuning) uses the checkpoint's, and a line says so; one whose method
+    differs in anything that changes the model (its class, rank, alpha, targets; not dropout) is refused
+    in one line naming each argument with both values: a LoRA trained at alpha 64 and evaluated at 16
+    would load and score another model."""
+    from jsonargparse import Namespace
+
+    saved = (ckpt.get("lit_peft") or {}).get("method")
+    given = checkpoints.plain(config.get("method"))
+    problems = checkpoints.method_mismatch(saved, given) if saved and given else []
+    if not problems:
+        return
+    if given.get("class_path") == DEFAULT_METHOD:
+        config["method"] = Namespace(class_path=saved["class_path"], init_args=Namespace(**saved.get("init_args", {})))
+        print(f"lit-peft: no method given, so the checkpoint's is used: {checkpoints.plain(saved)}", file=sys.stderr, flush=True)
+        return
+    raise ConfigError(f"the checkpoint does not belong to this run: it was trained with {', '.join(problems)}. Load it "
+                      "with the config it was trained with (its run folder's config.yaml), or leave `method` out to "
+                      "use the checkpoint's")
 
 
 def shards(strategy) -> bool:

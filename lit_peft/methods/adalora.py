@@ -24,6 +24,9 @@ class AdaLoRA(PeftAdapter):
     """Adaptive-rank LoRA with peft's rank allocator stepped on the trainer's global step."""
 
     name = "adalora"
+    # the rank budget's schedule: the ranks it pruned are zeros in the saved weights
+    training_only = frozenset({"dropout", "target_r", "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg_weight",
+                               "total_step"})
 
     def __init__(self, init_r: int = 12, target_r: int = 8, alpha: float = 16, dropout: float = 0.1,
                  targets: Targets = "qv", tinit: int = 0, tfinal: int = 0, delta_t: int = 1,

@@ -83,6 +83,9 @@ class Method(Callback, abc.ABC):
     #: whether the backbone's own pretrained weights train (full, partial, GaLore): they load in float32
     #: under ``dtype: default`` rather than in bf16
     trains_pretrained_weights = False
+    #: init arguments that shape only training, not the trained model's forward pass: a checkpoint may be
+    #: evaluated or resumed with other values of these (``checkpoints.method_differences``)
+    training_only: frozenset[str] = frozenset({"dropout"})
 
     #: the task this method was applied to (set by ``attach``)
     task: Optional["PeftTask"] = None

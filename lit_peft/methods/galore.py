@@ -37,6 +37,8 @@ class GaLore(Method):
 
     name = "galore"
     trains_pretrained_weights = True
+    # all of it is the optimizer's: the model is the plain backbone
+    training_only = frozenset({"rank", "update_proj_gap", "scale", "proj_type", "optimizer", "targets", "freeze"})
 
     def __init__(self, rank: int = 64, update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std",
                  optimizer: str = "adamw", targets: Targets = "all", freeze: Optional[list[str]] = None) -> None:

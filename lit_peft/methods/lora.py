@@ -219,6 +219,9 @@ class EVA(LoRA):
     """
 
     name = "eva"
+    # what EVA's data-driven initialisation chose is ``layout`` (the ranks), saved in the checkpoint and
+    # taken from it; the values it started from are overwritten by the trained ones
+    training_only = frozenset({"dropout", "rho", "tau", "whiten", "layout"})
     init = "eva"
     initializes_from_weights = True
 

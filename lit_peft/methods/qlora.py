@@ -117,6 +117,7 @@ class QLoRA(LoRA):
     """LoRA on a 4-bit quantized backbone."""
 
     name = "qlora"
+    training_only = frozenset({"dropout", "compute_dtype"})  # the dtype the 4-bit weights are computed in
     initializes_from_weights = True  # quantized while it loads
     merge_note = "the 4-bit base weights are dequantized before the adapter is merged"
 

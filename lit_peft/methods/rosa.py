@@ -30,6 +30,7 @@ class RoSA(SparseMixin, LoRA):
     """LoRA plus a gradient-chosen sparse increment on the targeted layers."""
 
     name = "rosa"
+    training_only = frozenset({"dropout", "compute_dtype", "selection_batches"})  # the mask is saved with the weights
     initializes_from_weights = True  # optionally quantized while it loads
 
     def __init__(self, r: int = 8, alpha: float = 16, dropout: float = 0.1, targets: Targets = "qv",

@@ -215,6 +215,7 @@ class SIFT(SparseMixin, Method):
     """Sparse increment fine-tuning: only the top ``density`` fraction of each targeted weight trains."""
 
     name = "sift"
+    training_only = frozenset({"selection_batches"})  # the mask is saved with the weights
     exportable = True
 
     def __init__(self, density: float = 0.05, targets: Targets = "all-linear", selection_batches: int = 8) -> None:
