@@ -82,6 +82,47 @@ def key_run_folder(trainer_cfg: Any, key: Optional[str] = None) -> Optional[Path
     return folder
 
 
+def newest_good_checkpoint(folder: Path) -> Optional[Path]:
+    """The newest checkpoint in a run folder that reads whole: Lightning's HPC checkpoints
+    (``hpc_ckpt_N.ckpt``) and the run's own (``checkpoints/*.ckpt``), newest first by the step they hold.
+    A save that did not finish (the job killed while writing) is passed over."""
+    from lit_peft import checkpoints
+    from lit_peft.errors import ConfigError
+
+    found = []
+    for path in [*folder.glob("hpc_ckpt_*.ckpt"), *folder.glob("checkpoints/*.ckpt")]:
+        try:
+            ckpt = checkpoints.read(path)
+        except ConfigError:
+            continue
+        found.append((int(ckpt.get("global_step", 0)), path.stat().st_mtime, path))
+    return max(found)[2] if found else None
+
+
+def requeue_start(trainer_cfg: Any, ckpt_path: Optional[str]) -> tuple[Optional[str], Optional[str], Optional[str]]:
+    """Where a requeued batch job starts: (checkpoint to resume from, the run folder's key, a line saying
+    so). Lightning resumes a requeued job from its HPC checkpoint and, without one (a preemption with no
+    signal, a save that did not finish), starts again from step 0 in the same folder, appending to its
+    logs. Here it resumes from the newest checkpoint of the folder that reads whole; with none, the job
+    takes a fresh folder (``<key>-restart<N>``) and says so. Outside a requeued job, or given a
+    ``ckpt_path``: the job's own key, and nothing else changes."""
+    key = job_key()
+    if key is None or not requeued() or ckpt_path:
+        return ckpt_path, key, None
+    import copy
+
+    folder = key_run_folder(copy.deepcopy(trainer_cfg), key)
+    if folder is None or not folder.exists():
+        return None, key, None
+    found = newest_good_checkpoint(folder)
+    if found is not None:
+        return str(found), key, f"requeued job: resuming from {found}"
+    restart = f"{key}-restart{os.environ.get('SLURM_RESTART_COUNT', '1')}"
+    fresh = key_run_folder(copy.deepcopy(trainer_cfg), restart)
+    return None, restart, (f"requeued job: no checkpoint in {folder} reads whole, so this run starts from step 0 "
+                           f"in a fresh folder, {fresh}")
+
+
 def resumes_in(ckpt_path: Optional[str], folder: Path) -> bool:
     """Whether a fit resumes from a checkpoint inside ``folder``: it continues that run (a requeued
     job, or an interrupted ``lit-peft compare`` run given its own folder again)."""

@@ -31,13 +31,18 @@ def bash_syntax_ok(script: str, tmp_path: Path) -> bool:
     return subprocess.run(["bash", "-n", str(path)]).returncode == 0
 
 
+def test_the_signal_lead_time_is_an_option(capsys, tmp_path) -> None:
+    lines = sbatch_lines(render(capsys, "--signal_lead", "900", "--time", "08:00:00"))
+    assert "#SBATCH --signal=SIGUSR1@900" in lines and not any("SIGUSR1@300" in line for line in lines)
+
+
 def test_single_node_cpu_job(capsys, tmp_path) -> None:
     script = render(capsys, "--cpus_per_task", "2", "--time", "00:30:00", "--", "--trainer.max_epochs", "1")
     lines = sbatch_lines(script)
     assert "#SBATCH --nodes=1" in lines and "#SBATCH --ntasks-per-node=1" in lines
     assert "#SBATCH --cpus-per-task=2" in lines and "#SBATCH --time=00:30:00" in lines
     assert not any("gres" in line or "gpus" in line for line in lines)  # a CPU job asks for no GPU
-    assert "#SBATCH --signal=SIGUSR1@90" in lines and "#SBATCH --requeue" in lines
+    assert "#SBATCH --signal=SIGUSR1@300" in lines and "#SBATCH --requeue" in lines  # the default lead time
     assert f"set -- --config {CONFIG} --trainer.max_epochs 1" in script
     assert f"export LIT_PEFT_ENV={sys.prefix}" in script
     assert bash_syntax_ok(script, tmp_path)
