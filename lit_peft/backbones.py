@@ -19,12 +19,14 @@ A path to a ``.gguf`` file works as a backbone too (converted and cached the sam
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
+from lit_peft import files
 from lit_peft.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,17 +63,21 @@ def _from_gguf(gguf_path: Path, name: str) -> str:
         import gguf  # noqa: F401
     except ImportError as err:
         raise ConfigError("loading a GGUF backbone needs the gguf package: pip install gguf") from err
-    tmp = folder.with_name(folder.name + ".partial")
-    kwargs = {"gguf_file": gguf_path.name}
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **kwargs)
-    # the weights are already dequantized to plain tensors; only the loader's bookkeeping says "gguf"
-    model.hf_quantizer = None
-    for attr in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(model.config, attr):
-            delattr(model.config, attr)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs).save_pretrained(str(tmp))
-    tmp.rename(folder)  # whole or not at all: an interrupted conversion is redone
+    with files.lock(folder):  # every DDP rank may ask at once: one converts, the others then find the folder
+        if (folder / "config.json").exists():
+            return str(folder)
+        if folder.exists():  # an interrupted conversion from before the folder was moved into place whole
+            shutil.rmtree(folder)
+        kwargs = {"gguf_file": gguf_path.name}
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **kwargs)
+        # the weights are already dequantized to plain tensors; only the loader's bookkeeping says "gguf"
+        model.hf_quantizer = None
+        for attr in ("quantization_config", "_pre_quantization_dtype"):
+            if hasattr(model.config, attr):
+                delattr(model.config, attr)
+        with files.folder_in_place(folder) as tmp:  # whole or not at all: an interrupted conversion is redone
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs).save_pretrained(str(tmp))
     return str(folder)
 
 

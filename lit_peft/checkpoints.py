@@ -36,8 +36,15 @@ def read(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
         raise ConfigError(f"{what} '{path}' is a folder; give the .ckpt file itself{hint}")
     else:
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(path))
-        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as err:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        except pickle.UnpicklingError as err:
+            if "weights only" not in str(err).lower():
+                raise ConfigError(f"{what} '{path}' cannot be read: it is truncated or not a PyTorch checkpoint "
+                                  f"(UnpicklingError: {str(err)[:120]}); use another checkpoint of the run") from err
+            raise ConfigError(f"{what} '{path}' holds Python objects other than tensors and plain data, which lit-peft "
+                              "does not unpickle (torch.load(weights_only=True): loading them could run code); give "
+                              "a checkpoint written by `lit-peft fit`") from err
+        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
             reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
             raise ConfigError(f"{what} '{path}' cannot be read: it is truncated or not a PyTorch checkpoint "
                               f"({type(err).__name__}: {reason}); use another checkpoint of the run") from err

@@ -30,7 +30,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import (LightningArgumentParser, LightningCLI, LRSchedulerCallable, OptimizerCallable,
                                    SaveConfigCallback)
 
-from lit_peft import __version__, checkpoints, quiet, slurm
+from lit_peft import __version__, checkpoints, files, quiet, slurm
 from lit_peft.cli_errors import short_message
 from lit_peft.errors import ConfigError
 from lit_peft.metrics import EfficiencyReport, run_dir
@@ -134,6 +134,7 @@ class LitPeftCLI(LightningCLI):
                 fit["ckpt_path"] = ckpt_path
             if said:
                 print(f"lit-peft: {said}", file=sys.stderr, flush=True)
+        take_versions(config["trainer"])
 
     def before_fit(self) -> None:
         slurm.continue_csv_metrics(self.trainer, self.config_init["fit"].get("ckpt_path"))
@@ -206,6 +207,26 @@ def runs_under_root(trainer_cfg) -> None:
         args = spec.get("init_args") if hasattr(spec, "get") else None
         if args is not None and args.get("save_dir") == ROOT:
             args["save_dir"] = trainer_cfg.get("default_root_dir") or "."
+
+
+def take_versions(trainer_cfg) -> None:
+    """Give each CSV / TensorBoard logger that names no version the next ``version_N`` of its folder, taken
+    by creating it (``files.new_version``): two runs started at once under one root would otherwise both
+    pick the same number and write into one folder. Only the launching process, or global rank 0, takes
+    one; the other ranks' loggers write nothing, and Lightning hands them rank 0's folder."""
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":
+        return
+    loggers = trainer_cfg.get("logger")
+    taken: dict[Path, int] = {}
+    for spec in loggers if isinstance(loggers, (list, tuple)) else [loggers]:
+        path = spec.get("class_path") if hasattr(spec, "get") else None
+        args = spec.get("init_args") if hasattr(spec, "get") else None
+        if args is None or str(path).rpartition(".")[2] not in ("CSVLogger", "TensorBoardLogger") or args.get("version") is not None:
+            continue
+        parent = Path(args.get("save_dir") or ".") / str(args.get("name") or "")
+        if parent not in taken:
+            taken[parent] = files.new_version(parent)
+        args["version"] = taken[parent]
 
 
 def trainer_defaults() -> dict:

@@ -40,7 +40,7 @@ from typing import Any, Optional
 
 import yaml
 
-from lit_peft import report
+from lit_peft import files, report
 from lit_peft.errors import ConfigError
 
 CURVE_KEYS = ("train_loss_step", "train_loss_epoch", "train_loss", "val_loss")
@@ -207,7 +207,7 @@ def _call(run: Run, command: str, args: list[str], mode: str) -> bool:
         log.write(done.stderr)
     if done.returncode != 0:
         run.folder.mkdir(parents=True, exist_ok=True)
-        (run.folder / "failed.json").write_text(json.dumps(
+        files.write_text(run.folder / "failed.json", json.dumps(
             {"returncode": done.returncode, "error": error_message(done.stderr), "log": str(run.log)}, indent=1) + "\n")
     return done.returncode == 0
 
@@ -329,6 +329,19 @@ def main(argv: list[str]) -> int:
     metric = cfg.metric or (study.metric if study else None)
     if metric is None:
         raise ConfigError("--collect without a study needs --metric (e.g. val_acc)")
+    guard = files.lock(out, timeout=0)  # one compare at a time on a study: a second would restart its live runs
+    try:
+        guard.acquire()
+    except files.Timeout:
+        raise ConfigError(f"another `lit-peft compare` is running on {out} (it holds {guard.lock_file}); wait for it "
+                          "to end, or give another --output_dir") from None
+    try:
+        return _compare(cfg, study, out, metric)
+    finally:
+        guard.release()
+
+
+def _compare(cfg: argparse.Namespace, study: Optional[Study], out: Path, metric: str) -> int:
     if cfg.slurm is not None:
         submit_study(study, out, cfg.slurm)
         return 0

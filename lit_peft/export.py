@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lit_peft import checkpoints
+from lit_peft import checkpoints, files
 from lit_peft.backbones import torch_dtype
 from lit_peft.errors import ConfigError
 from lit_peft.tasks.base import PeftTask, build
@@ -74,9 +74,10 @@ def load_adapter(folder: str | Path) -> PeftTask:
 
 
 def _prepare(output_dir: Path) -> None:
-    if output_dir.exists() and any(output_dir.iterdir()):
+    """Refuse an output folder that holds anything; the folder itself is written whole (``files.folder_in_place``),
+    so a merge that fails leaves nothing that blocks its rerun."""
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise ConfigError(f"output folder '{output_dir}' is not empty; choose a new folder so nothing is overwritten")
-    output_dir.mkdir(parents=True, exist_ok=True)
 
 
 def merge_checkpoint(ckpt_path: str | Path, output_dir: Path, dtype: str = "float32") -> Path:
@@ -90,14 +91,15 @@ def merge_checkpoint(ckpt_path: str | Path, output_dir: Path, dtype: str = "floa
     merged = merged.to(torch_dtype(dtype))
     if getattr(merged.config, "use_cache", None) is False:
         merged.config.use_cache = True  # off only for gradient checkpointing in training; generation wants the cache
-    merged.save_pretrained(str(output_dir), safe_serialization=True)
-    if task.tokenizer is not None:  # a forecaster has none
-        task.tokenizer.save_pretrained(str(output_dir))
     note: dict[str, Any] = {"merged_from": str(ckpt_path), "method": task.method_name, "dtype": dtype,
                             "backbone": task.backbone_name}
     if getattr(method, "quant_type", None):
         note["dequantized_from"] = method.quant_type  # the 4-bit base weights were dequantized, then merged
-    (output_dir / "lit_peft_merge.json").write_text(json.dumps(note, indent=2) + "\n")
+    with files.folder_in_place(output_dir) as tmp:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        if task.tokenizer is not None:  # a forecaster has none
+            task.tokenizer.save_pretrained(str(tmp))
+        (tmp / "lit_peft_merge.json").write_text(json.dumps(note, indent=2) + "\n")
     print(f"[lit-peft] merged {task.method_name} into {task.backbone_name}; saved a {dtype} model to {output_dir}")
     return output_dir
 
@@ -111,6 +113,7 @@ def export_checkpoint(ckpt_path: str | Path, output_dir: Path) -> Path:
             "to export in PEFT's format; use `lit-peft merge` to save the fine-tuned model"
         )
     _prepare(output_dir)
-    task.method.export(task, output_dir)
+    with files.folder_in_place(output_dir) as tmp:
+        task.method.export(task, tmp)
     print(f"[lit-peft] exported the {task.method_name} adapter to {output_dir}")
     return output_dir

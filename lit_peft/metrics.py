@@ -24,6 +24,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
+from lit_peft import files
+
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit packed weights count as their unpacked size."""
@@ -198,7 +200,7 @@ class EfficiencyReport(Callback):
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         path = trainer.ckpt_path
         if not self.fit_seconds and path and os.path.isfile(path):  # testing a checkpoint: its training figures
-            state = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("callbacks", {})
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("callbacks", {})
             saved = state.get(self.state_key)
             if saved:
                 self.load_state_dict(saved)
@@ -314,15 +316,26 @@ class EfficiencyReport(Callback):
         path = run_dir(trainer) / self.filename  # on every rank: it broadcasts
         if not trainer.is_global_zero:
             return
-        summary = json.loads(path.read_text()) if path.exists() else {}
+        summary = read_summary(path)
         summary.update(figures)
         summary.update(metrics)
         summary.setdefault("stages", [])
         summary["stages"] = sorted(set(summary["stages"]) | {stage})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        files.write_text(path, json.dumps(summary, indent=2, sort_keys=True) + "\n")  # a kill mid-write keeps the old one
         to_wandb(trainer, summary)
         print(format_summary(summary, path))
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """A run's ``summary.json`` (empty where there is none yet)."""
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:  # written whole since lit-peft wrote it atomically; an older or edited one
+        from lit_peft.errors import ConfigError
+
+        raise ConfigError(f"'{path}' is not valid JSON ({err.msg} at line {err.lineno}); move it aside and rerun") from err
 
 
 #: the figures that describe a run rather than measure it: they go to the W&B run's config too

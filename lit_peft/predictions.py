@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Optional
@@ -28,6 +29,7 @@ from typing import Any, Optional
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from lit_peft import files
 from lit_peft.errors import ConfigError
 from lit_peft.metrics import run_dir
 
@@ -116,7 +118,8 @@ class PredictionWriter(BasePredictionWriter):
                     places.append((int(line[:line.index(b"\t")]), p, offset))
                     offset += len(line)
         places.sort()
-        self._file = self.written.open("x", newline="")
+        tmp = files.temporary(self.written)  # written whole, then linked into place (never over another file)
+        self._file = tmp.open("x", newline="")
         readers = [part.open("rb") for part in parts]
         try:
             last = None
@@ -125,10 +128,10 @@ class PredictionWriter(BasePredictionWriter):
                     readers[p].seek(offset)
                     self._emit(json.loads(readers[p].readline().split(b"\t", 1)[1]))
                     last = index
-        except BaseException:
             self._file.close()
             self._file = None
-            self.written.unlink(missing_ok=True)  # ours ("x" made it) and incomplete: a rerun may write it
+            os.link(tmp, self.written)  # atomic, and fails rather than replace a file that appeared meanwhile
+        except BaseException:
             for part in parts:  # every rank is done with its part (the barrier)
                 part.unlink(missing_ok=True)
             raise
@@ -138,6 +141,7 @@ class PredictionWriter(BasePredictionWriter):
             if self._file is not None:
                 self._file.close()
                 self._file = None
+            tmp.unlink(missing_ok=True)
         for part in parts:
             part.unlink()
         print(f"[lit-peft] predictions: {self.written}")

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from lit_peft import files
+
 #: columns of the per-method table: (summary key, heading, format)
 FIGURES = [
     ("trainable_pct", "trainable %", "{:.3f}"),
@@ -175,11 +177,11 @@ def write_tables(records: list[RunRecord], out: Path, metric: str, reference: Op
     writer = csv.DictWriter(buffer, fieldnames=header)
     writer.writeheader()
     writer.writerows(per_run)
-    (out / "results.csv").write_text(buffer.getvalue())
-    (out / "results.json").write_text(json.dumps(
+    files.write_text(out / "results.csv", buffer.getvalue())  # each whole or not at all
+    files.write_text(out / "results.json", json.dumps(
         {"title": title, "metric": metric, "reference": reference, "methods": rows,
          "runs": [asdict(r) for r in records]}, indent=1, default=str) + "\n")
-    (out / "results.md").write_text(markdown(rows, records, metric, reference, title, notes))
+    files.write_text(out / "results.md", markdown(rows, records, metric, reference, title, notes))
     return rows
 
 
