@@ -78,16 +78,23 @@ def mean_std(values: list[float]) -> tuple[float, float, int]:
 
 
 def welch(a: list[float], b: list[float]) -> Optional[float]:
-    """Welch's two-sided t-test p-value, or ``None`` where either side has fewer than two values.
-    Where neither side has any spread the test is undefined: 0.0 if the means differ, 1.0 if not
-    (docs/results.md says where that decides a row)."""
-    if len(a) < 2 or len(b) < 2:
+    """Welch's two-sided t-test p-value, or ``None`` where it is undefined: either side has fewer than
+    two values, or neither side has any spread (identical seeds; a p-value of 0 there would claim a
+    certainty two constant columns cannot give). ``no_test_reason`` says which."""
+    if no_test_reason(a, b):
         return None
-    if statistics.pvariance(a) == 0 and statistics.pvariance(b) == 0:
-        return 0.0 if statistics.fmean(a) != statistics.fmean(b) else 1.0
     from scipy.stats import ttest_ind
 
     return float(ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def no_test_reason(a: list[float], b: list[float]) -> Optional[str]:
+    """Why Welch's test has no p-value for these two samples, in a table's words; ``None`` where it has one."""
+    if len(a) < 2 or len(b) < 2:
+        return "needs ≥2 seeds a side"
+    if statistics.pvariance(a) == 0 and statistics.pvariance(b) == 0:
+        return "no spread between seeds"
+    return None
 
 
 def method_table(records: list[RunRecord], metric: str, reference: Optional[str]) -> list[dict[str, Any]]:
@@ -110,6 +117,7 @@ def method_table(records: list[RunRecord], metric: str, reference: Optional[str]
             p = welch(values[name], ref)
             row["p_value"] = p
             row["exceeds_noise"] = None if p is None else bool(p < 0.05)
+            row["no_test"] = no_test_reason(values[name], ref)
         rows.append(row)
     return rows
 
@@ -137,7 +145,7 @@ def markdown(rows: list[dict[str, Any]], records: list[RunRecord], metric: str, 
             else:
                 verdict = {True: f"yes (p={fmt(row.get('p_value'), '{:.3f}')})",
                            False: f"no (p={fmt(row.get('p_value'), '{:.3f}')})",
-                           None: "n/a: needs ≥2 seeds a side"}[row.get("exceeds_noise")]
+                           None: f"n/a: {row.get('no_test') or 'needs ≥2 seeds a side'}"}[row.get("exceeds_noise")]
                 cells += [fmt(row.get("difference"), "{:+.4f}"), verdict]
         cells += [fmt(row[key], pattern) for key, _, pattern in FIGURES]
         cells.append(f"{row['finished']}/{row['runs']}" + (f" ({row['failed']} failed)" if row["failed"] else ""))

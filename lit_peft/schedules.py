@@ -11,7 +11,7 @@ length at the first step, after the restore.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -26,10 +26,9 @@ def warmup_then(shape: str, warmup_ratio: float, total_steps: Callable[[], int])
     cache: dict[str, int] = {}
 
     def factor(step: int) -> float:
-        if step == 0:  # at construction: no length needed yet
+        if step == 0 and "total" not in cache:  # at construction: no length yet (``settle`` redoes it)
             return 0.0 if warmup_ratio > 0 else 1.0
-        if "total" not in cache:
-            cache["total"] = max(int(total_steps()), 1)
+        settle_length()
         total = cache["total"]
         warmup = int(warmup_ratio * total)
         if step < warmup:
@@ -41,7 +40,26 @@ def warmup_then(shape: str, warmup_ratio: float, total_steps: Callable[[], int])
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0
 
+    def settle_length() -> None:
+        if "total" not in cache:
+            cache["total"] = max(int(total_steps()), 1)
+
+    factor.settle_length = settle_length  # type: ignore[attr-defined]
     return factor
+
+
+def settle(scheduler: Any) -> None:
+    """Once the run's length is known (training starts), set each group's learning rate from it. At
+    construction a warm-up ratio means a first step at learning rate 0; where the ratio gives 0 warm-up
+    steps (0.03 of 20 steps) that would be a step spent at 0, so the first step takes the full rate."""
+    lambdas = getattr(scheduler, "lr_lambdas", [])
+    if not any(hasattr(fn, "settle_length") for fn in lambdas):
+        return
+    for fn in lambdas:
+        getattr(fn, "settle_length", lambda: None)()
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, lambdas):
+        group["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 def lazy_schedule(optimizer: Optimizer, shape: str, warmup_ratio: float, total_steps: Callable[[], int]) -> LambdaLR:

@@ -155,6 +155,9 @@ def test_statistics() -> None:
     assert report.welch([0.80, 0.81, 0.79], [0.90, 0.91, 0.89]) < 0.01
     assert report.welch([0.80, 0.85, 0.75], [0.81, 0.86, 0.74]) > 0.5
     assert report.welch([0.8], [0.9, 0.91]) is None
+    # no spread on either side: no p-value (it used to report p = 0, "beyond seed noise")
+    assert report.welch([0.8, 0.8], [0.9, 0.9]) is None
+    assert report.no_test_reason([0.8, 0.8], [0.9, 0.9]) == "no spread between seeds"
     front = report.pareto_front([(0.1, 0.80), (1.0, 0.85), (0.5, 0.79), (100.0, 0.86), (10.0, 0.84)], higher=True)
     assert front == [(0.1, 0.80), (1.0, 0.85), (100.0, 0.86)]
     assert report.pareto_front([(1.0, 0.5), (2.0, 0.4)], higher=False) == [(1.0, 0.5), (2.0, 0.4)]

@@ -30,7 +30,7 @@ from lit_peft import backbones, checkpoints, sharding
 from lit_peft.data.samplers import EvalShard
 from lit_peft.errors import ConfigError
 from lit_peft.methods.base import Method, default_param_groups
-from lit_peft.schedules import lazy_schedule
+from lit_peft.schedules import lazy_schedule, settle
 from lit_peft.tasks.token_mean import TokenMean
 
 #: attribute names of classification / regression heads in transformers models
@@ -463,6 +463,8 @@ class PeftTask(LightningModule, abc.ABC):
     def on_train_start(self) -> None:
         # Lightning keeps each module's mode rather than calling train(): the backbone loaded in train mode
         self.keep_frozen_batch_norms()
+        for config in self.trainer.lr_scheduler_configs:  # the run's length is known now
+            settle(config.scheduler)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keys = self.trained_keys()  # canonical; the gathered state dict's names are too, except under compile

@@ -55,10 +55,11 @@ class SequenceClassification(PeftTask):
         if num_labels < 2:
             raise ConfigError(f"num_labels must be at least 2, got {num_labels}")
         self.num_labels = num_labels
-        task = "binary" if num_labels == 2 else "multiclass"
+        # f1 is macro F1 (the mean of each class's F1) for any number of labels, two included: torchmetrics'
+        # binary F1 is the positive class's alone, which scores 0 a model that always says "negative"
         metrics = lambda: torchmetrics.MetricCollection({  # noqa: E731
-            "acc": torchmetrics.Accuracy(task=task, num_classes=num_labels),
-            "f1": torchmetrics.F1Score(task=task, num_classes=num_labels, average="macro"),
+            "acc": torchmetrics.Accuracy(task="multiclass", num_classes=num_labels),
+            "f1": torchmetrics.F1Score(task="multiclass", num_classes=num_labels, average="macro"),
         })
         self.train_metrics, self.val_metrics, self.test_metrics = metrics(), metrics(), metrics()
 

@@ -100,3 +100,18 @@ def test_schedule_shapes(shape) -> None:
     assert values[0] == 0.0 and values[5] == pytest.approx(0.5) and values[10] == pytest.approx(1.0)
     assert values[100] == pytest.approx({"linear": 0.0, "cosine": 0.0, "constant": 1.0}[shape])
     assert values[55] == pytest.approx({"linear": 0.5, "cosine": 0.5, "constant": 1.0}[shape])
+
+
+def test_a_warmup_of_zero_steps_does_not_spend_the_first_step_at_learning_rate_zero() -> None:
+    """0.03 of 20 steps is 0 warm-up steps: once the length is known, the first step takes the full rate
+    (before, the step-0 factor was fixed at 0 whenever the ratio was above 0)."""
+    import torch
+
+    from lit_peft.schedules import lazy_schedule, settle
+
+    for ratio, total, first in ((0.03, 20, 1.0), (0.1, 100, 0.0)):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+        scheduler = lazy_schedule(optimizer, "linear", ratio, lambda: total)
+        settle(scheduler)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * first)
+        assert scheduler.get_last_lr() == [optimizer.param_groups[0]["lr"]]

@@ -64,9 +64,11 @@ def test_epoch_metrics_equal_the_epochs_own_predictions(tiny_bert, toy_data) -> 
     logged = trainer.callback_metrics
     assert float(logged["train_acc"]) == correct[1] / 256
     last = recorder.epochs[1]
-    tp = sum(p == 1 and y == 1 for p, y in last)
     wrong = sum(p != y for p, y in last)
-    assert float(logged["train_f1"]) == pytest.approx(2 * tp / (2 * tp + wrong), abs=1e-6)  # binary F1
+    # macro F1: the mean of each class's F1 (2 labels too), not the positive class's alone
+    f1 = [2 * sum(p == c and y == c for p, y in last) / (2 * sum(p == c and y == c for p, y in last) + wrong)
+          for c in (0, 1)]
+    assert float(logged["train_f1"]) == pytest.approx(sum(f1) / 2, abs=1e-6)
 
     # validation after each epoch: the model as it then was, on the dev rows only
     assert len(recorder.logged) == 2 and recorder.logged[0]["val_acc"] != recorder.logged[1]["val_acc"]
