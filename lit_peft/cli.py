@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.cli import (LightningArgumentParser, LightningCLI, LRSchedulerCallable, OptimizerCallable,
                                    SaveConfigCallback)
 
@@ -36,6 +37,7 @@ from lit_peft.errors import ConfigError
 from lit_peft.metrics import EfficiencyReport, run_dir
 from lit_peft.predictions import PredictionWriter
 from lit_peft.methods.base import Method
+from lit_peft.model_summary import PeftModelSummary
 from lit_peft.preemption import RequeueAtStepEnd
 
 EXTRA = {
@@ -144,6 +146,10 @@ class LitPeftCLI(LightningCLI):
         keys = self._parser(self.subcommand).callback_keys
         extra = [cb for cb in (self._get(self.config_init, k) for k in keys) if cb is not None]
         extra.append(RequeueAtStepEnd())
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        if trainer_cfg.get("enable_model_summary", True) is not False and not any(
+                isinstance(cb, ModelSummary) for cb in [*extra, *(trainer_cfg.get("callbacks") or [])]):
+            extra.append(PeftModelSummary())  # Lightning's, without the FLOPs it cannot measure here
         return self._instantiate_trainer({**self._get(self.config_init, "trainer", default={}), **kwargs}, extra)
 
 

@@ -323,7 +323,21 @@ class EfficiencyReport(Callback):
         summary["stages"] = sorted(set(summary["stages"]) | {stage})
         files.write_text(path, json.dumps(summary, indent=2, sort_keys=True) + "\n")  # a kill mid-write keeps the old one
         to_wandb(trainer, summary)
-        print(format_summary(summary, path))
+        self._result_lines = format_summary(summary, path)  # printed in teardown, below the progress bar
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Print the result lines once the progress bar has drawn its last frame: Rich's bar is a live
+        display that Lightning stops only in its own teardown, and lines printed before then came out
+        above the bar's final render."""
+        lines = getattr(self, "_result_lines", None)
+        if not lines:
+            return
+        bar = trainer.progress_bar_callback
+        stop = getattr(bar, "_stop_progress", None)  # RichProgressBar's; idempotent (its teardown calls it again)
+        if callable(stop):
+            stop()
+        print(lines, flush=True)
+        self._result_lines = None
 
 
 def read_summary(path: Path) -> dict[str, Any]:

@@ -8,6 +8,8 @@ warning text), and everything else, genuine warnings included, goes through:
   not fetch an optional bf16 4-bit kernel from the hub. lit-peft does not use that kernel (its
   4-bit CPU path dequantizes, ``methods.qlora.exact_cpu_compute``).
 - Lightning's "💡 Tip" adverts for litlogger and litmodels.
+- Lightning's note that the trainer has a model summary already: the CLI adds lit-peft's own
+  (``PeftModelSummary``), which the note would announce at every run.
 - Lightning's hint that ``srun`` exists but is not used: a local run on a machine with Slurm
   installed is what the user asked for; ``lit-peft slurm`` is the way through srun.
 - transformers' load report for a head the task adds: ``backbones.load_model`` says it once in
@@ -26,7 +28,7 @@ import warnings
 #: logger name -> messages of it to drop
 LOG_NOTES = {
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),
-    "lightning.pytorch.utilities.rank_zero": ("💡 Tip:",),
+    "lightning.pytorch.utilities.rank_zero": ("💡 Tip:", "Trainer already configured with model summary callbacks"),
     "transformers.modeling_utils": ("LOAD REPORT",),
 }
 #: warnings (message starts) raised from library internals

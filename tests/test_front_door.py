@@ -275,3 +275,17 @@ def test_parse_errors_name_the_options_from_the_parser() -> None:
     assert {"backbone", "learning_rate", "num_labels"} <= set(init_options("lit_peft.tasks.SequenceClassification"))
     text = 'Parser key "trainer.precision":\n  Expected a <class \'int\'>. Got value: fast'
     assert re.match(r"trainer\.precision: expected int, got 'fast'", short_message(text))
+
+
+def test_result_lines_come_after_the_progress_bar_and_the_summary_claims_no_flops(tiny_bert, toy_data, monkeypatch,
+                                                                                  capsys, tmp_path) -> None:
+    """The bar's last frame used to come out below lit-peft's result lines (Rich's live bar stops only in
+    Lightning's teardown), and the model summary printed ``Total FLOPs: 0`` (nothing measured them)."""
+    config = tiny_config(tmp_path, tiny_bert, toy_data, enable_progress_bar=True, enable_model_summary=True)
+    monkeypatch.setattr(sys, "argv", ["lit-peft", "fit", "--config", str(config)])
+    main()
+    out = capsys.readouterr().out
+    bar, result = out.rfind("Epoch 0/0"), out.find("[lit-peft] lora on")
+    assert bar != -1 and result != -1 and bar < result, out[-2000:]
+    assert "Trainable params" in out and "Total params" in out  # the summary is there
+    assert "FLOPs" not in out
