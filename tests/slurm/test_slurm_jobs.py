@@ -19,7 +19,8 @@ import yaml
 
 from cluster import ClusterUnavailable, SlurmCluster
 
-pytestmark = pytest.mark.slow
+# installing slurm-wlm and munge with apt-get may take its own 25 minutes before the first job
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 MAX_STEPS = 60
 
