@@ -114,11 +114,11 @@ class LitPeftCLI(LightningCLI):
         if ckpt_path and str(ckpt_path) not in checkpoints.LIGHTNING_WORDS:
             # missing, truncated, foreign: one message before LightningCLI itself loads it
             ckpt = checkpoints.read(ckpt_path, "--ckpt_path")
-            method_as_trained(config, ckpt, ckpt_path)
             if Path(ckpt_path).is_dir() and not shards(config["trainer"].get("strategy")):
                 raise ConfigError(f"--ckpt_path '{ckpt_path}' is a sharded checkpoint folder, which only a sharded "
                                   "strategy loads: run with the strategy that wrote it (configs/trainer/fsdp.yaml or "
                                   "fsdp2.yaml), or turn it into a model folder with `lit-peft merge` / `export`")
+            method_as_trained(config, ckpt, ckpt_path)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

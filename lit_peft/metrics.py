@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-from lit_peft import files
+from lit_peft import files, patches
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
@@ -332,10 +332,7 @@ class EfficiencyReport(Callback):
         lines = getattr(self, "_result_lines", None)
         if not lines:
             return
-        bar = trainer.progress_bar_callback
-        stop = getattr(bar, "_stop_progress", None)  # RichProgressBar's; idempotent (its teardown calls it again)
-        if callable(stop):
-            stop()
+        patches.stop_progress_bar(trainer)
         print(lines, flush=True)
         self._result_lines = None
 

@@ -27,6 +27,16 @@
   instance, by torch's ``get_model_state_dict`` with ``ignore_frozen_params``: only what trains is
   gathered, plus the buffers. Sharded checkpoints gather nothing and keep Lightning's method. Test:
   ``tests/test_fsdp.py`` (what a full save gathers, checkpoint contents, exact resume).
+- ``closes_window``: whether the current micro-batch ends an accumulation window (the optimizer steps
+  after it), by Lightning's own rule (``_TrainingEpochLoop._should_accumulate``: every
+  ``accumulate_grad_batches``-th batch, and the epoch's last). Public API has no such question, and
+  computing it again would drift from Lightning's at an epoch's short last window. Used by the
+  token-weighted loss (``tasks/token_mean.py``) and the requeue check (``preemption.py``). Tests:
+  ``tests/test_token_mean.py``, ``tests/test_preemption.py`` (a signal inside a window).
+- ``stop_progress_bar``: Rich's progress bar is a live display that Lightning stops in the bar's own
+  ``teardown`` (``RichProgressBar._stop_progress``); lit-peft's result lines printed before then came
+  out above the bar's final frame. ``EfficiencyReport`` stops it (idempotently) before printing. Test:
+  ``tests/test_front_door.py`` (result lines after the bar).
 """
 
 from __future__ import annotations
@@ -88,3 +98,15 @@ def gather_only_what_trains(strategy) -> None:
 
     strategy.lightning_module_state_dict = trained_only
     strategy._lit_peft_trained_only = True
+
+
+def closes_window(trainer: Any) -> bool:
+    """Whether the micro-batch being trained ends an accumulation window (the optimizer steps after it)."""
+    return not trainer.fit_loop.epoch_loop._should_accumulate()
+
+
+def stop_progress_bar(trainer: Any) -> None:
+    """Stop a Rich progress bar's live display now (a no-op for another bar, or one already stopped)."""
+    stop = getattr(trainer.progress_bar_callback, "_stop_progress", None)
+    if callable(stop):
+        stop()

@@ -32,6 +32,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from lit_peft import patches
+
 
 class RequeueAtStepEnd(Callback):
     def __init__(self, check_seconds: Optional[float] = None) -> None:
@@ -60,7 +62,7 @@ class RequeueAtStepEnd(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.deferred is None or trainer.fit_loop.epoch_loop._should_accumulate():
+        if self.deferred is None or not patches.closes_window(trainer):
             return  # not under auto-requeue, or inside an accumulation window
         if not self.agreed(trainer):
             return

@@ -76,7 +76,10 @@ def quiet_trainer(**kwargs):
 
 
 def torchrun(script: Path, nproc: int, *args: str, timeout: int = 900) -> "subprocess.CompletedProcess[str]":
-    """Run a test worker under ``torch.distributed.run`` with ``nproc`` CPU processes (gloo) on a free port."""
+    """Run a test worker under ``torch.distributed.run`` with ``nproc`` CPU processes (gloo) on a free port.
+    Without the suite's ``PL_GLOBAL_SEED`` (an earlier test's ``seed_everything``): Lightning's DDP reseeds
+    every rank from it at setup, which one process does not, so the two would start from other weights."""
+    import os
     import socket
     import subprocess
     import sys
@@ -86,7 +89,8 @@ def torchrun(script: Path, nproc: int, *args: str, timeout: int = 900) -> "subpr
         port = s.getsockname()[1]
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                            "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout,
+                          env={k: v for k, v in os.environ.items() if k != "PL_GLOBAL_SEED"})
 
 
 LLAMA_H, LLAMA_KV, LLAMA_INTER = 32, 16, 64  # hidden, key/value width (2 of 4 heads), feed-forward

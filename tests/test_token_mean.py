@@ -49,6 +49,7 @@ def test_every_layout_gives_the_gradient_of_the_token_mean(layouts, name) -> Non
     moved = [n for n, g in reference["grads"].items() if g.abs().max() > 0]
     assert moved  # LoRA's B matrices get a gradient at the first step
     for key, grad in reference["grads"].items():
-        torch.testing.assert_close(got["grads"][key], grad, rtol=1e-4, atol=1e-7, msg=f"{name}: {key}")
+        torch.testing.assert_close(got["grads"][key], grad, rtol=1e-4, atol=1e-7,
+                                   msg=lambda m: f"{name}: {key}: {m}")
     assert got["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-5)
 

@@ -23,6 +23,8 @@ from typing import Any, Optional
 
 import torch
 
+from lit_peft import patches
+
 
 class TokenMean:
     """One optimizer step's running sums, for a task whose ``loss_terms`` gives (summed loss, tokens)."""
@@ -35,11 +37,10 @@ class TokenMean:
     @staticmethod
     def window(trainer: Any, batch_idx: int) -> tuple[bool, bool]:
         """Whether micro-batch ``batch_idx`` opens and whether it closes an accumulation window: the
-        rules Lightning itself zeroes gradients and steps by (``_make_zero_grad_fn``, ``_should_accumulate``;
+        rules Lightning itself zeroes gradients and steps by (``_make_zero_grad_fn``; ``patches.closes_window``:
         the last window of an epoch may be short)."""
         first = batch_idx % trainer.accumulate_grad_batches == 0
-        last = not trainer.fit_loop.epoch_loop._should_accumulate()
-        return first, last
+        return first, patches.closes_window(trainer)
 
     def micro_batch(self, task: Any, total: torch.Tensor, count: torch.Tensor, batch_idx: int) -> torch.Tensor:
         """The loss to back-propagate for this micro-batch (``total / D``); at a window's last micro-batch
