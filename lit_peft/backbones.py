@@ -76,7 +76,14 @@ def _from_gguf(gguf_path: Path, name: str) -> str:
             if hasattr(model.config, attr):
                 delattr(model.config, attr)
         with files.folder_in_place(folder) as tmp:  # whole or not at all: an interrupted conversion is redone
-            model.save_pretrained(str(tmp), safe_serialization=True)
+            # not model.save_pretrained: under torch.distributed it writes only on rank 0, and the rank that
+            # holds the lock may be another (it wrote the weights and no config, and every rank failed)
+            from safetensors.torch import save_model
+
+            model.config.save_pretrained(str(tmp))
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(str(tmp))
+            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs).save_pretrained(str(tmp))
     return str(folder)
 

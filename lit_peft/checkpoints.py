@@ -38,7 +38,7 @@ def read(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except pickle.UnpicklingError as err:
-            if "weights only" not in str(err).lower():
+            if "Unsupported global" not in str(err):  # not an object refused: a damaged or foreign file
                 raise ConfigError(f"{what} '{path}' cannot be read: it is truncated or not a PyTorch checkpoint "
                                   f"(UnpicklingError: {str(err)[:120]}); use another checkpoint of the run") from err
             raise ConfigError(f"{what} '{path}' holds Python objects other than tensors and plain data, which lit-peft "
@@ -133,8 +133,10 @@ def method_differences(saved: Optional[dict[str, Any]], given: Optional[dict[str
     if not path or not same_class(path, given.get("class_path")):
         return []
     ignored = getattr(_class(path), "training_only", frozenset({"dropout"}))
-    theirs, ours = plain(saved.get("init_args") or {}), plain(given.get("init_args") or {})
-    defaults = _defaults(path)
+    theirs, ours = _as_built(path, saved.get("init_args") or {}), _as_built(path, given.get("init_args") or {})
+    defaults = _as_built(path, {})
+    if None in (theirs, ours, defaults):  # one side does not build here: compare both as given
+        theirs, ours, defaults = plain(saved.get("init_args") or {}), plain(given.get("init_args") or {}), _signature(path)
     out = []
     for name in sorted(set(theirs) | set(ours)):
         a, b = theirs.get(name, defaults.get(name)), ours.get(name, defaults.get(name))
@@ -171,7 +173,23 @@ def _class(path: str) -> Any:
         return None
 
 
-def _defaults(path: str) -> dict[str, Any]:
+def _as_built(path: str, args: dict[str, Any]) -> dict[str, Any]:
+    """A method's init arguments as the method keeps them (its ``spec``: ``modules: null`` is ``[]``), so a
+    checkpoint's record and a config compare by what they build; ``None`` where the class cannot be
+    built from them here."""
+    import inspect
+
+    cls = _class(path)
+    if cls is None:
+        return None
+    known = {k: v for k, v in plain(args).items() if k in inspect.signature(cls.__init__).parameters}
+    try:
+        return plain(cls(**known).spec()["init_args"])
+    except Exception:  # noqa: BLE001 - an argument this class refuses here
+        return None
+
+
+def _signature(path: str) -> dict[str, Any]:
     import inspect
 
     cls = _class(path)

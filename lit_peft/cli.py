@@ -147,7 +147,7 @@ class LitPeftCLI(LightningCLI):
         extra = [cb for cb in (self._get(self.config_init, k) for k in keys) if cb is not None]
         extra.append(RequeueAtStepEnd())
         trainer_cfg = self._get(self.config_init, "trainer", default={})
-        if trainer_cfg.get("enable_model_summary", True) is not False and not any(
+        if rich_available() and trainer_cfg.get("enable_model_summary", True) is not False and not any(
                 isinstance(cb, ModelSummary) for cb in [*extra, *(trainer_cfg.get("callbacks") or [])]):
             extra.append(PeftModelSummary())  # Lightning's, without the FLOPs it cannot measure here
         return self._instantiate_trainer({**self._get(self.config_init, "trainer", default={}), **kwargs}, extra)
@@ -215,12 +215,21 @@ def runs_under_root(trainer_cfg) -> None:
             args["save_dir"] = trainer_cfg.get("default_root_dir") or "."
 
 
+def rich_available() -> bool:
+    """Whether Rich is installed (Lightning's default summary and bar then use it; lit-peft's summary is Rich's)."""
+    import importlib.util
+
+    return importlib.util.find_spec("rich") is not None
+
+
 def take_versions(trainer_cfg) -> None:
     """Give each CSV / TensorBoard logger that names no version the next ``version_N`` of its folder, taken
     by creating it (``files.new_version``): two runs started at once under one root would otherwise both
     pick the same number and write into one folder. Only the launching process, or global rank 0, takes
     one; the other ranks' loggers write nothing, and Lightning hands them rank 0's folder."""
     if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":
+        return
+    if trainer_cfg.get("fast_dev_run"):  # Lightning swaps the loggers for a dummy: no folder to take
         return
     loggers = trainer_cfg.get("logger")
     taken: dict[Path, int] = {}

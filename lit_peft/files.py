@@ -68,6 +68,19 @@ def folder_in_place(path: Union[str, Path]) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def place_new(tmp: Union[str, Path], path: Union[str, Path]) -> None:
+    """Put the finished file ``tmp`` at ``path``, which must not exist: a hard link (atomic, and it fails
+    rather than replace a file that appeared meanwhile); where the file system has no hard links
+    (exFAT, some network mounts), an exclusive create and a copy."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        with open(tmp, "rb") as source, open(path, "xb") as target:
+            shutil.copyfileobj(source, target)
+
+
 def lock(path: Union[str, Path], timeout: float = -1) -> FileLock:
     """A lock file beside ``path`` (``<path>.lock``); ``timeout`` 0 fails at once if another process holds it."""
     path = Path(path)

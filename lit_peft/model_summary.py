@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.model_summary import get_formatted_model_size, 
 class PeftModelSummary(RichModelSummary):
     @staticmethod
     def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,
-                  model_size: float, total_training_modes: dict[str, int], total_flops: int,
+                  model_size: float, total_training_modes: dict[str, int], total_flops: int = 0,
                   **summarize_kwargs: Any) -> None:
         from rich import get_console
         from rich.table import Table

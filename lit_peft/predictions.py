@@ -130,7 +130,7 @@ class PredictionWriter(BasePredictionWriter):
                     last = index
             self._file.close()
             self._file = None
-            os.link(tmp, self.written)  # atomic, and fails rather than replace a file that appeared meanwhile
+            files.place_new(tmp, self.written)  # fails rather than replace a file that appeared meanwhile
         except BaseException:
             for part in parts:  # every rank is done with its part (the barrier)
                 part.unlink(missing_ok=True)

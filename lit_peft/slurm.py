@@ -85,18 +85,27 @@ def key_run_folder(trainer_cfg: Any, key: Optional[str] = None) -> Optional[Path
 def newest_good_checkpoint(folder: Path) -> Optional[Path]:
     """The newest checkpoint in a run folder that reads whole: Lightning's HPC checkpoints
     (``hpc_ckpt_N.ckpt``) and the run's own (``checkpoints/*.ckpt``), newest first by the step they hold.
-    A save that did not finish (the job killed while writing) is passed over."""
-    from lit_peft import checkpoints
-    from lit_peft.errors import ConfigError
-
+    A save that did not finish (the job killed while writing) is passed over. Checked without loading
+    anything (every rank of a job does this before the ranks can talk, and a full fine-tune's
+    checkpoint is many GB): a file must be a zip archive whose every entry reads back with its CRC,
+    a sharded folder must hold the metadata torch writes last."""
     found = []
     for path in [*folder.glob("hpc_ckpt_*.ckpt"), *folder.glob("checkpoints/*.ckpt")]:
-        try:
-            ckpt = checkpoints.read(path)
-        except ConfigError:
-            continue
-        found.append((int(ckpt.get("global_step", 0)), path.stat().st_mtime, path))
+        if whole_checkpoint(path):
+            found.append((path.stat().st_mtime, path.name, path))
     return max(found)[2] if found else None
+
+
+def whole_checkpoint(path: Path) -> bool:
+    import zipfile
+
+    if path.is_dir():
+        return (path / ".metadata").is_file() and (path / "meta.pt").is_file()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return False
 
 
 def requeue_start(trainer_cfg: Any, ckpt_path: Optional[str]) -> tuple[Optional[str], Optional[str], Optional[str]]:

@@ -59,9 +59,10 @@ def parser() -> argparse.ArgumentParser:
                    help="processes a node (default: one per GPU, or 1 on the CPU)")
     p.add_argument("--cpus_per_task", "--cpus-per-task", type=int, default=None)
     p.add_argument("--time", default=None, help="time limit, e.g. 04:00:00")
-    p.add_argument("--signal_lead", "--signal-lead", type=int, default=300,
+    p.add_argument("--signal_lead", "--signal-lead", type=int, default=None,
                    help="seconds before the time limit Slurm sends SIGUSR1, when the run saves an HPC checkpoint and "
-                        "requeues (default 300: a 7B full fine-tune's checkpoint, written by every rank)")
+                        "requeues (default: the template's, 300 in lit-peft's: a 7B full fine-tune's checkpoint, "
+                        "written by every rank)")
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)
     p.add_argument("--job_name", "--job-name", default=None)
@@ -132,9 +133,10 @@ def render(cfg: argparse.Namespace, fit_args: list[str], tag: Optional[str] = No
         header = set_option(drop_option(header, "gpus-per-node"), "gres", gres)
     else:
         header = drop_option(drop_option(header, "gres"), "gpus-per-node")
-    if cfg.signal_lead < 1:
-        raise ConfigError(f"--signal_lead must be a positive number of seconds, got {cfg.signal_lead}")
-    header = set_option(header, "signal", f"SIGUSR1@{cfg.signal_lead}")
+    if cfg.signal_lead is not None:
+        if cfg.signal_lead < 1:
+            raise ConfigError(f"--signal_lead must be a positive number of seconds, got {cfg.signal_lead}")
+        header = set_option(header, "signal", f"SIGUSR1@{cfg.signal_lead}")
     for key, value in (("cpus-per-task", cfg.cpus_per_task), ("time", cfg.time), ("partition", cfg.partition),
                        ("account", cfg.account), ("job-name", cfg.job_name)):
         header = set_option(header, key, None if value is None else str(value))

@@ -51,7 +51,7 @@ class HalfRight(CausalLM):
         return out
 
 
-def main(tiny_bert: str, toy_sst2: str, tiny_llama: str, toy_gsm8k: str, toy_summaries: str, tiny_patchtst: str,
+def main(tiny_bert: str, toy_sst2: str, one_row: str, tiny_llama: str, toy_gsm8k: str, toy_summaries: str, tiny_patchtst: str,
          toy_series: str, out: str) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     strategy = "ddp" if world > 1 else "auto"
@@ -63,6 +63,10 @@ def main(tiny_bert: str, toy_sst2: str, tiny_llama: str, toy_gsm8k: str, toy_sum
     task = SequenceClassification(backbone=tiny_bert)
     data = SST2Data(data_dir=toy_sst2, batch_size=8, eval_batch_size=8, max_length=16, tokenizer=tiny_bert)
     results["classification"] = trainer().validate(task, datamodule=data, verbose=False)[0]
+
+    task = SequenceClassification(backbone=tiny_bert)  # a rank with no rows still joins every sync
+    data = SST2Data(data_dir=one_row, batch_size=8, eval_batch_size=8, max_length=16, tokenizer=tiny_bert)
+    results["one_row"] = trainer().validate(task, datamodule=data, verbose=False)[0]
 
     task = HalfRight(backbone=tiny_llama, max_new_tokens=4)
     data = GSM8KData(data_dir=toy_gsm8k, val_size=4, max_length=96, max_response_length=48, batch_size=4,

@@ -39,6 +39,10 @@ def one_and_two(tiny_bert, tiny_llama, toy_gsm8k, tiny_patchtst, toy_series, tmp
     sst2.mkdir()
     for name, n, seed in (("train.tsv", 8, 1), ("dev.tsv", 101, 2)):  # 101 dev rows: 51 + 50 on two ranks
         (sst2 / name).write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in toy_rows(n, seed)))
+    one_row = folder / "sst2-one-row"  # one dev row: the second rank has none at all
+    one_row.mkdir()
+    for name, n, seed in (("train.tsv", 8, 1), ("dev.tsv", 1, 3)):
+        (one_row / name).write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in toy_rows(n, seed)))
     gsm = folder / "gsm8k"
     gsm.mkdir()
     lines = (toy_gsm8k / "test.jsonl").read_text().splitlines()
@@ -48,12 +52,13 @@ def one_and_two(tiny_bert, tiny_llama, toy_gsm8k, tiny_patchtst, toy_series, tmp
     summaries = folder / "summaries.jsonl"
     summaries.write_text("".join(json.dumps({"document": " ".join(words * 2), "summary": " ".join(words[i % 7: 5 + i % 11])}) + "\n"
                                  for i in range(11)))  # 11 rows, summaries of 5 to 15 words
-    args = [tiny_bert, str(sst2), tiny_llama, str(gsm), str(summaries), tiny_patchtst, str(toy_series)]
+    args = [tiny_bert, str(sst2), str(one_row), tiny_llama, str(gsm), str(summaries), tiny_patchtst, str(toy_series)]
     return run_worker(1, args, folder / "one.json"), run_worker(2, args, folder / "two.json")
 
 
 @pytest.mark.parametrize("task, metrics", [
     ("classification", ["val_acc", "val_f1", "val_loss"]),
+    ("one_row", ["val_acc", "val_loss"]),
     ("gsm8k", ["test_exact_match", "test_loss"]),
     ("summaries", ["test_rouge1", "test_rouge2", "test_rougeL", "test_loss"]),
     ("forecasting", ["val_mse", "val_mae", "val_loss"]),

@@ -185,3 +185,14 @@ def test_a_requeued_job_with_no_checkpoint_starts_a_fresh_folder_and_says_so(slu
     assert f"no checkpoint in {old} reads whole" in err and str(fresh) in err
     assert (old / "metrics.csv").read_text() == "epoch,step,train_loss\n0,3,0.7\n"  # the old folder untouched
     assert list(fresh.glob("checkpoints/*.ckpt")) and (fresh / "summary.json").is_file()
+
+
+def test_a_checkpoint_is_whole_only_if_every_entry_reads_back(tmp_path) -> None:
+    from lit_peft.slurm import newest_good_checkpoint, whole_checkpoint
+
+    torch.save({"state_dict": {"w": torch.ones(1000)}, "global_step": 3}, tmp_path / "hpc_ckpt_1.ckpt")
+    good = tmp_path / "hpc_ckpt_1.ckpt"
+    cut = tmp_path / "hpc_ckpt_2.ckpt"
+    cut.write_bytes(good.read_bytes()[:-200])  # newer, and cut short
+    assert whole_checkpoint(good) and not whole_checkpoint(cut)
+    assert newest_good_checkpoint(tmp_path) == good

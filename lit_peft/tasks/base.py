@@ -361,9 +361,12 @@ class PeftTask(LightningModule, abc.ABC):
         own = self.own_rows(batch, batch_idx, stage, dataloader_idx)
         if own is not None:
             self.step(own, stage)
-        elif self._trainer is not None and (sharding.is_fsdp1(self.trainer.strategy) or sharding.is_fsdp2(self.trainer.strategy)):
+            return
+        if self._trainer is not None and (sharding.is_fsdp1(self.trainer.strategy) or sharding.is_fsdp2(self.trainer.strategy)):
             with torch.no_grad():
                 self.discard_step(batch, stage)
+        # weight 0: the loss is logged on every rank, so one with no rows at all still joins its epoch-end sync
+        self.log_mean(f"{stage}_loss", torch.zeros((), device=self.device), 0.0, prog_bar=True)
 
     def discard_step(self, batch: dict[str, Any], stage: str) -> None:
         """What ``step`` runs on the model, scoring nothing: a sharded model's collectives for a batch
