@@ -7,11 +7,12 @@ as a 300-token one elsewhere: the gradient then depends on how rows fall into mi
 (4 x 2 accumulated is not 8 at once, 2 GPUs are not 1). The fix torchtune and transformers' Trainer
 (``num_items_in_batch``) use is to divide the summed loss by the step's global token count; both look
 ahead at the window's batches to know it. Lightning hands the task one micro-batch at a time, so
-``TokenMean`` divides each micro-batch's summed loss by a stand-in ``D`` (the previous window's tokens
-per micro-batch and process; in a run's first window, the first micro-batch's global count per
-process, one all-reduce), so the loss keeps its usual scale for fp16's loss scaler, and, once the
-window's last micro-batch has run its backward, multiplies the gradients by ``A * W * D / N`` (``N``:
-the window's global token count, one all-reduce a step): the gradient of ``sum / N`` exactly. With one micro-batch a step (``A = 1``) the
+``TokenMean`` divides each micro-batch's summed loss by a stand-in ``D`` (the window's first
+micro-batch's global token count per process, one all-reduce), so the loss keeps its usual scale,
+and, once the window's last micro-batch has run its backward, multiplies the gradients by
+``A * W * D / N`` (``N``: the window's global token count, a second all-reduce): the gradient of
+``sum / N`` exactly. (The previous window's count would save the first all-reduce, but a resumed run
+does not have it, and its gradients would then round differently from the uninterrupted run's.) With one micro-batch a step (``A = 1``) the
 factor is 1 and nothing is rescaled. Gradient clipping and the fp16 scaler run after that backward,
 so they see the exact gradient.
 
@@ -34,8 +35,6 @@ class TokenMean:
         self.divisor: Optional[torch.Tensor] = None
         self.total = self.count = None
         self.factor: Optional[torch.Tensor] = None
-        self.typical: Optional[torch.Tensor] = None  # the last window's tokens per micro-batch and process
-        self.micro_batches = 0
 
     @staticmethod
     def window(trainer: Any, batch_idx: int) -> tuple[bool, bool]:
@@ -52,13 +51,11 @@ class TokenMean:
         first, last = self.window(trainer, batch_idx)
         count = count.detach().to(total.dtype)
         if first or self.divisor is None:
-            if self.typical is not None:  # equal on every rank (global figures): no collective needed
-                self.divisor = self.typical
-            else:  # the first window of a run: the first micro-batch's global count, per process
-                self.divisor = strategy.reduce(count.clone(), reduce_op="sum").clamp(min=1) / trainer.world_size
-            self.total, self.count, self.micro_batches = torch.zeros_like(count), torch.zeros_like(count), 0
+            # from this window's own first micro-batch: with one micro-batch a step it is exactly the step's
+            # count (no rescale at all), and a resumed run computes the same one (bit-exact resume)
+            self.divisor = strategy.reduce(count.clone(), reduce_op="sum").clamp(min=1) / trainer.world_size
+            self.total, self.count = torch.zeros_like(count), torch.zeros_like(count)
         self.total, self.count = self.total + total.detach(), self.count + count
-        self.micro_batches += 1
         loss = total / self.divisor
         self.factor = None
         if last:
@@ -69,7 +66,6 @@ class TokenMean:
             steps = trainer.accumulate_grad_batches
             if steps > 1:
                 self.factor = steps * trainer.world_size * self.divisor / tokens
-            self.typical = tokens / (trainer.world_size * self.micro_batches)
             self.divisor = None
         return loss
 
