@@ -10,7 +10,7 @@ importance estimates in the checkpoint so a resumed run prunes exactly as an uni
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from lightning.pytorch import Trainer
@@ -29,10 +29,18 @@ class AdaLoRA(PeftAdapter):
                                "total_step"})
 
     def __init__(self, init_r: int = 12, target_r: int = 8, alpha: float = 16, dropout: float = 0.1,
-                 targets: Targets = "qv", tinit: int = 0, tfinal: int = 0, delta_t: int = 1,
+                 targets: Targets = "qv", tinit: Union[int, float] = 0.1, tfinal: Union[int, float] = 0.3,
+                 delta_t: int = 1,
                  beta1: float = 0.85, beta2: float = 0.85, orth_reg_weight: float = 0.5,
                  total_step: Optional[int] = None) -> None:
         super().__init__(targets=targets)
+        if any(isinstance(t, float) and not 0 <= t < 1 for t in (tinit, tfinal)) or any(
+                isinstance(t, int) and t < 0 for t in (tinit, tfinal)):
+            raise ConfigError(f"AdaLoRA's tinit ({tinit}) and tfinal ({tfinal}) are steps (integers >= 0) or "
+                              "fractions of the run's steps (0 <= x < 1)")
+        if isinstance(tinit, float) and isinstance(tfinal, float) and tinit + tfinal >= 1:
+            raise ConfigError(f"AdaLoRA's tinit ({tinit}) + tfinal ({tfinal}) must leave part of the run for pruning "
+                              "ranks: their sum must be below 1")
         if not 0 < target_r <= init_r:
             raise ConfigError(f"AdaLoRA needs 0 < target_r <= init_r, got target_r={target_r}, init_r={init_r}")
         self.init_r, self.target_r, self.alpha, self.dropout = init_r, target_r, alpha, dropout
@@ -44,26 +52,29 @@ class AdaLoRA(PeftAdapter):
     def apply(self, task, trainer: Optional[Trainer]) -> None:
         # peft needs a length now; the real one is set in on_train_start (asking the trainer for it
         # during setup would build the training dataloader before a resumed run restores its position)
-        self._config_total = self.total_step or self.tinit + self.tfinal + 1
+        self._config_total = self.total_step or steps(self.tinit, 0) + steps(self.tfinal, 0) + 1
         super().apply(task, trainer)
 
     def on_train_start(self, trainer: Trainer, pl_module) -> None:
         total = self.total_step or int(trainer.estimated_stepping_batches)
-        if self.tinit + self.tfinal >= total:
+        tinit, tfinal = steps(self.tinit, total), steps(self.tfinal, total)
+        if tinit + tfinal >= total:
             raise ConfigError(
-                f"AdaLoRA's tinit ({self.tinit}) + tfinal ({self.tfinal}) must be below the number of "
-                f"training steps ({total}); lower them or train longer"
+                f"AdaLoRA's tinit ({self.tinit}: {tinit} steps) + tfinal ({self.tfinal}: {tfinal} steps) must be below "
+                f"the number of training steps ({total}); give them as fractions of the run (tinit: 0.1, tfinal: 0.3), "
+                "lower them or train longer"
             )
         model = pl_module.backbone
-        model.peft_config["default"].total_step = total
+        config = model.peft_config["default"]
+        config.tinit, config.tfinal, config.total_step = tinit, tfinal, total  # the rank allocator reads these
         model.base_model.rankallocator.set_total_step(total)
 
     def peft_config(self, task, target_modules: Optional[list[str]]) -> Any:
         from peft import AdaLoraConfig
 
         return AdaLoraConfig(init_r=self.init_r, target_r=self.target_r, lora_alpha=self.alpha,
-                             lora_dropout=self.dropout, target_modules=target_modules, tinit=self.tinit,
-                             tfinal=self.tfinal, deltaT=self.delta_t, beta1=self.beta1, beta2=self.beta2,
+                             lora_dropout=self.dropout, target_modules=target_modules, tinit=steps(self.tinit, 0),
+                             tfinal=steps(self.tfinal, 0), deltaT=self.delta_t, beta1=self.beta1, beta2=self.beta2,
                              orth_reg_weight=self.orth_reg_weight, total_step=self._config_total)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
@@ -100,3 +111,9 @@ class AdaLoRA(PeftAdapter):
         alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc = state_dict["ipt"], state_dict["exp_avg_ipt"], state_dict["exp_avg_unc"]
         model.peft_config["default"].rank_pattern = state_dict["rank_pattern"]
         self._last_step = state_dict["last_step"]
+
+
+def steps(value: Union[int, float], total: int) -> int:
+    """AdaLoRA's ``tinit`` / ``tfinal`` in steps: an integer is steps, a fraction in [0, 1) is that share
+    of the run's ``total`` steps (0 before the run's length is known)."""
+    return int(value * total) if isinstance(value, float) else int(value)

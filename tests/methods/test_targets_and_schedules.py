@@ -82,6 +82,29 @@ def test_adalora_prunes_to_the_target_budget(tiny_bert, toy_data) -> None:
     assert sum(sum(bool(x) for x in m) for m in config.rank_pattern.values()) == 8
 
 
+@pytest.mark.parametrize("max_epochs, tinit, tfinal", [(1, 1, 4), (2, 3, 9)])  # 16 and 32 steps
+def test_adalora_schedule_as_fractions_fits_the_runs_length(tiny_bert, toy_data, max_epochs, tinit, tfinal) -> None:
+    """The shipped config gives tinit / tfinal as fractions of the run (0.1, 0.3), so a run of any length
+    prunes on schedule (in steps, 200 + 500 refused every run under 700 steps)."""
+    task = SequenceClassification(backbone=tiny_bert, learning_rate=2e-2, warmup_ratio=0.0)
+    method = methods.AdaLoRA(init_r=4, target_r=2, alpha=8, tinit=0.1, tfinal=0.3, delta_t=2)
+    quiet_trainer(max_epochs=max_epochs, callbacks=[method]).fit(
+        task, datamodule=SST2Data(data_dir=str(toy_data), batch_size=16))
+    config = task.backbone.peft_config["default"]
+    assert (config.total_step, config.tinit, config.tfinal) == (16 * max_epochs, tinit, tfinal)
+    kept = sum(int((p != 0).sum()) for n, p in task.backbone.named_parameters() if "lora_E" in n)
+    assert kept == 2 * 4  # pruned to the target budget by the end
+
+
+@pytest.mark.parametrize("tinit, tfinal, says", [(0.6, 0.5, "sum must be below 1"), (1.5, 0.1, "fractions"),
+                                                 (-1, 2, "integers >= 0")])
+def test_a_bad_adalora_schedule_is_one_line(tinit, tfinal, says) -> None:
+    from lit_peft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=says):
+        methods.AdaLoRA(tinit=tinit, tfinal=tfinal)
+
+
 def test_adalora_orthogonality_regularizer(tiny_bert) -> None:
     task = SequenceClassification(backbone=tiny_bert)
     method = methods.AdaLoRA(init_r=4, target_r=2, orth_reg_weight=0.5)
