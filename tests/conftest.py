@@ -75,6 +75,20 @@ def quiet_trainer(**kwargs):
     return Trainer(**defaults)
 
 
+def seed_model_builds(seed: int = 0) -> None:
+    """Seed torch each time a task builds its model (a new head, LoRA's A), so runs laid out differently
+    (1 or 2 processes, accumulated or not) start from the same weights: for the torchrun workers."""
+    from lit_peft.tasks.base import PeftTask
+
+    build = PeftTask.configure_model
+
+    def seeded(self) -> None:
+        torch.manual_seed(seed)
+        build(self)
+
+    PeftTask.configure_model = seeded
+
+
 def torchrun(script: Path, nproc: int, *args: str, timeout: int = 900) -> "subprocess.CompletedProcess[str]":
     """Run a test worker under ``torch.distributed.run`` with ``nproc`` CPU processes (gloo) on a free port.
     Without the suite's ``PL_GLOBAL_SEED`` (an earlier test's ``seed_everything``): Lightning's DDP reseeds

@@ -19,23 +19,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-from conftest import quiet_trainer  # noqa: E402
+from conftest import quiet_trainer, seed_model_builds  # noqa: E402
+
+seed_model_builds()  # every layout starts from the same weights
 from lit_peft.data import ForecastingData, GSM8KData, SST2Data, SummarizationData  # noqa: E402
 from lit_peft.tasks import CausalLM, Forecasting, SequenceClassification  # noqa: E402
-from lit_peft.tasks.base import PeftTask  # noqa: E402
-
-_build = PeftTask.configure_model
-
-
-def seeded_build(self) -> None:
-    """Every layout starts from the same weights (a new head, LoRA's A): seeded where the model is built."""
-    import torch
-
-    torch.manual_seed(0)
-    _build(self)
-
-
-PeftTask.configure_model = seeded_build
 
 
 class HalfRight(CausalLM):

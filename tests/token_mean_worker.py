@@ -15,24 +15,12 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 import torch  # noqa: E402
 from lightning.pytorch import Callback  # noqa: E402
 
-from conftest import quiet_trainer  # noqa: E402
+from conftest import quiet_trainer, seed_model_builds  # noqa: E402
+
+seed_model_builds()  # every layout starts from the same weights
 from lit_peft import methods  # noqa: E402
 from lit_peft.data import GSM8KData  # noqa: E402
 from lit_peft.tasks import CausalLM  # noqa: E402
-from lit_peft.tasks.base import PeftTask  # noqa: E402
-
-_build = PeftTask.configure_model
-
-
-def seeded_build(self) -> None:
-    """Every layout starts from the same weights (a new head, LoRA's A): seeded where the model is built."""
-    import torch
-
-    torch.manual_seed(0)
-    _build(self)
-
-
-PeftTask.configure_model = seeded_build
 
 
 class KeepGradients(Callback):
