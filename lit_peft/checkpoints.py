@@ -91,11 +91,8 @@ def mismatch(meta: dict[str, Any], task_spec: dict[str, Any], method_spec: Optio
     saved_task, saved_method = meta.get("task") or {}, meta.get("method") or {}
     problems = []
 
-    def short(spec: dict[str, Any]) -> str:
-        return str(spec.get("class_path", "none")).rpartition(".")[2]
-
     if saved_task.get("class_path") and saved_task.get("class_path") != task_spec.get("class_path"):
-        problems.append(f"task {short(saved_task)} (this run: {short(task_spec)})")
+        problems.append(f"task {_short(saved_task)} (this run: {_short(task_spec)})")
     saved_backbone = (saved_task.get("init_args") or {}).get("backbone")
     backbone = (task_spec.get("init_args") or {}).get("backbone")
     if saved_backbone and backbone and not _same_backbone(str(saved_backbone), str(backbone)):
@@ -111,11 +108,8 @@ def method_mismatch(saved: Optional[dict[str, Any]], given: Optional[dict[str, A
     that changes the trained model, with both values."""
     saved, given = saved or {}, given or {}
 
-    def short(spec: dict[str, Any]) -> str:
-        return str(spec.get("class_path", "none")).rpartition(".")[2]
-
     if not same_class(saved.get("class_path"), given.get("class_path")):
-        return [f"method {short(saved)} (this run: {short(given)})"]
+        return [f"method {_short(saved)} (this run: {_short(given)})"]
     return [f"method.init_args.{name}={show(theirs)} (this run: {show(ours)})" for name, theirs, ours in method_differences(saved, given)]
 
 
@@ -197,6 +191,11 @@ def _signature(path: str) -> dict[str, Any]:
         return {}
     return {p.name: plain(p.default) for p in inspect.signature(cls.__init__).parameters.values()
             if p.default is not inspect.Parameter.empty}
+
+
+def _short(spec: dict[str, Any]) -> str:
+    """A spec's class name without its module."""
+    return str(spec.get("class_path", "none")).rpartition(".")[2]
 
 
 def _same_backbone(a: str, b: str) -> bool:

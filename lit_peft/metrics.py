@@ -150,6 +150,7 @@ class EfficiencyReport(Callback):
     def __init__(self, enabled: bool = True, filename: str = "summary.json") -> None:
         self.enabled = enabled
         self.filename = filename
+        self._result_lines: Optional[str] = None  # what report() made, printed in teardown
         self.samples = 0
         self.tokens = self.padded_tokens = 0  # real and computed (padded) training tokens, where batches have a mask
         self._tokens: Optional[torch.Tensor] = None  # this epoch's real tokens on the device, read once (no sync a step)
@@ -329,11 +330,10 @@ class EfficiencyReport(Callback):
         """Print the result lines once the progress bar has drawn its last frame: Rich's bar is a live
         display that Lightning stops only in its own teardown, and lines printed before then came out
         above the bar's final render."""
-        lines = getattr(self, "_result_lines", None)
-        if not lines:
+        if not self._result_lines:
             return
         patches.stop_progress_bar(trainer)
-        print(lines, flush=True)
+        print(self._result_lines, flush=True)
         self._result_lines = None
 
 

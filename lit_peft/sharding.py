@@ -79,6 +79,11 @@ def is_fsdp2(strategy: Any) -> bool:
     return isinstance(strategy, ModelParallelStrategy)
 
 
+def is_sharded(strategy: Any) -> bool:
+    """FSDP1 or FSDP2: a forward is a collective every rank must join."""
+    return is_fsdp1(strategy) or is_fsdp2(strategy)
+
+
 def block_classes(backbone: nn.Module) -> set[type]:
     """The transformer-block classes of a transformers model (``_no_split_modules``), found in it."""
     base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone

@@ -84,7 +84,7 @@ def key_run_folder(trainer_cfg: Any, key: Optional[str] = None) -> Optional[Path
 
 def newest_good_checkpoint(folder: Path) -> Optional[Path]:
     """The newest checkpoint in a run folder that reads whole: Lightning's HPC checkpoints
-    (``hpc_ckpt_N.ckpt``) and the run's own (``checkpoints/*.ckpt``), newest first by the step they hold.
+    (``hpc_ckpt_N.ckpt``) and the run's own (``checkpoints/*.ckpt``), the last written first.
     A save that did not finish (the job killed while writing) is passed over. Checked without loading
     anything (every rank of a job does this before the ranks can talk, and a full fine-tune's
     checkpoint is many GB): a file must be a zip archive whose every entry reads back with its CRC,

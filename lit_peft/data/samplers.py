@@ -13,7 +13,7 @@ Lightning does not wrap them (see ``EpochShuffle``).
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.utils.data import DistributedSampler, Sampler
@@ -128,8 +128,8 @@ class EvalShard(DistributedSampler):
     the metrics then count twice (101 SST-2 rows on 2 ranks score 102; GSM8K's 1,319 test problems on
     8 GPUs count one twice). Not padding at all would give ranks different numbers of batches, and a
     sharded model's forward (FSDP) is a collective every rank must join. So a rank short of a row
-    repeats its last one, and ``real_rows`` says how many rows of a batch are its own: the task drops
-    the others before it scores (``PeftTask.validation_step``). A ``DistributedSampler``, so that
+    repeats its last one, and ``real_rows`` says how many rows of a batch are its own: ``own`` cuts
+    a batch to them, before the task scores it (``PeftTask.evaluate``). A ``DistributedSampler``, so that
     Lightning does not wrap it in its padding one."""
 
     def __init__(self, order: list[int], num_replicas: int = 1, rank: int = 0) -> None:
@@ -152,6 +152,21 @@ class EvalShard(DistributedSampler):
         """How many of the ``rows`` of batch ``batch_idx`` (batches of ``batch_size``) are this rank's own;
         the rest repeat a row another rank scores."""
         return max(0, min(rows, len(self.mine) - batch_idx * batch_size))
+
+    def own(self, batch: dict[str, Any], batch_idx: int, batch_size: int) -> Optional[dict[str, Any]]:
+        """Batch ``batch_idx`` cut to this rank's own rows (its first ones; tensors and lists with one entry
+        a row are cut), or ``None`` where it holds none."""
+        rows = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+        keep = self.real_rows(batch_idx, batch_size, rows)
+        if keep == rows:
+            return batch
+
+        def cut(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return value[:keep] if value.dim() > 0 and value.shape[0] == rows else value
+            return value[:keep] if isinstance(value, (list, tuple)) and len(value) == rows else value
+
+        return {key: cut(value) for key, value in batch.items()} if keep else None
 
 
 class LengthSorted(Sampler):

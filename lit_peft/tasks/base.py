@@ -133,6 +133,7 @@ class PeftTask(LightningModule, abc.ABC):
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
         self.backbone: Optional[nn.Module] = None
         self.method: Optional[Method] = None
+        self._token_mean = TokenMean()  # used by tasks whose loss_terms gives (sum, count)
         self._built = False  # configure_model has run: backbone loaded, method applied
         self.built_empty = False  # this rank built the backbone on the meta device (it gets rank 0's weights)
         self.tokenizer = (backbones.load_tokenizer(backbone, revision=revision, trust_remote_code=trust_remote_code or None)
@@ -312,10 +313,7 @@ class PeftTask(LightningModule, abc.ABC):
         if terms is None:
             loss, closing = self.step(batch, "train"), True
         else:
-            if getattr(self, "_token_mean", None) is None:
-                self._token_mean = TokenMean()
-            loss = self._token_mean.micro_batch(self, *terms, batch_idx)
-            closing = TokenMean.window(self.trainer, batch_idx)[1]
+            loss, closing = self._token_mean.micro_batch(self, *terms, batch_idx)
         extra = self.method.regularization(self) if self.method is not None and closing else None
         if extra is not None:
             self.log("train_regularization", extra, on_step=True, on_epoch=True, sync_dist=True)
@@ -324,8 +322,7 @@ class PeftTask(LightningModule, abc.ABC):
 
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         super().backward(loss, *args, **kwargs)
-        if getattr(self, "_token_mean", None) is not None:
-            self._token_mean.rescale(self.parameters())
+        self._token_mean.rescale(self.parameters())  # a no-op but after a token-weighted window's last micro-batch
 
     def log_mean(self, name: str, value: torch.Tensor, weight: float, **kwargs: Any) -> None:
         """Log ``value`` for the epoch as the mean over every process's rows (or tokens), each batch weighted
@@ -362,7 +359,7 @@ class PeftTask(LightningModule, abc.ABC):
         if own is not None:
             self.step(own, stage)
             return
-        if self._trainer is not None and (sharding.is_fsdp1(self.trainer.strategy) or sharding.is_fsdp2(self.trainer.strategy)):
+        if self._trainer is not None and sharding.is_sharded(self.trainer.strategy):
             with torch.no_grad():
                 self.discard_step(batch, stage)
         # weight 0: the loss is logged on every rank, so one with no rows at all still joins its epoch-end sync
@@ -380,13 +377,7 @@ class PeftTask(LightningModule, abc.ABC):
         loaders = getattr(self.trainer, f"{stage}_dataloaders", None)
         loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
         sampler = getattr(loader, "sampler", None)
-        if not isinstance(sampler, EvalShard):
-            return batch
-        rows = batch_rows(batch)
-        keep = sampler.real_rows(batch_idx, loader.batch_size, rows)
-        if keep == rows:
-            return batch
-        return take_rows(batch, rows, keep) if keep else None
+        return sampler.own(batch, batch_idx, loader.batch_size) if isinstance(sampler, EvalShard) else batch
 
     def configure_optimizers(self) -> dict[str, Any]:
         lr, wd = self.optim.lr, self.optim.weight_decay
@@ -517,23 +508,6 @@ class PeftTask(LightningModule, abc.ABC):
             kind, keys, pos, has_gauss, gauss = rng["numpy"]
             np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
             self._rng_to_restore = None
-
-
-def batch_rows(batch: dict[str, Any]) -> int:
-    """Rows of a batch: the first dimension of its first tensor."""
-    return next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
-
-
-def take_rows(batch: dict[str, Any], rows: int, keep: int) -> dict[str, Any]:
-    """The first ``keep`` of a batch's ``rows`` rows: tensors and lists that hold one entry per row are cut."""
-    def cut(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows:
-            return value[:keep]
-        if isinstance(value, (list, tuple)) and len(value) == rows:
-            return value[:keep]
-        return value
-
-    return {key: cut(value) for key, value in batch.items()}
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

@@ -24,7 +24,6 @@ from typing import Any, Literal, Optional
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from peft import PeftType
 from torch import nn
 
 from lit_peft import backbones, sharding
@@ -150,18 +149,11 @@ class CausalLM(PeftTask):
         base = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
         return "logits_to_keep" in inspect.signature(base.forward).parameters
 
-    def response_tokens(self, batch: dict[str, Any]) -> int:
-        """How many tokens ``loss`` averages over: each label after the first, and the first too where
-        the backbone puts virtual tokens before the input (prompt tuning; prefix tuning does not)."""
-        config = getattr(self.backbone, "active_peft_config", None)
-        virtual = config is not None and config.is_prompt_learning and config.peft_type != PeftType.PREFIX_TUNING
-        labels = batch["labels"] if virtual else batch["labels"][:, 1:]
-        return int(labels.ne(-100).sum())
-
     def step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
-        loss = self.loss(batch)  # training goes through ``loss_terms`` (``PeftTask.training_step``)
+        total, count = self.loss_terms(batch)  # training goes through ``PeftTask.training_step``
+        loss = total / count.clamp(min=1)
         # the mean over all response tokens of the split, whatever the eval batch size
-        self.log_mean(f"{stage}_loss", loss, self.response_tokens(batch), prog_bar=True)
+        self.log_mean(f"{stage}_loss", loss, int(count), prog_bar=True)
         if stage == "test" or (stage == "val" and self.generate_in_validation):
             self.score(self.generate(batch), batch["references"], stage)
         return loss
@@ -189,8 +181,7 @@ class CausalLM(PeftTask):
             options.update(do_sample=True, temperature=g["temperature"], top_p=g["top_p"])
         else:
             options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if self._trainer is not None and self.trainer.world_size > 1 and (
-                sharding.is_fsdp1(self.trainer.strategy) or sharding.is_fsdp2(self.trainer.strategy)):
+        if self._trainer is not None and self.trainer.world_size > 1 and sharding.is_sharded(self.trainer.strategy):
             options["synced_gpus"] = True  # a sharded forward is a collective: ranks that stop early keep joining
         prompts = batch["prompt_input_ids"]
         with eager(self.backbone):  # a compiled forward would recompile at every new cache length

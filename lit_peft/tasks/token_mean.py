@@ -12,8 +12,8 @@ micro-batch's global token count per process, one all-reduce), so the loss keeps
 and, once the window's last micro-batch has run its backward, multiplies the gradients by
 ``A * W * D / N`` (``N``: the window's global token count, a second all-reduce): the gradient of
 ``sum / N`` exactly. (The previous window's count would save the first all-reduce, but a resumed run
-does not have it, and its gradients would then round differently from the uninterrupted run's.) With one micro-batch a step (``A = 1``) the
-factor is 1 and nothing is rescaled. Gradient clipping and the fp16 scaler run after that backward,
+does not have it, and its gradients would then round differently from the uninterrupted run's.) With
+one micro-batch a step (``A = 1``) the factor is 1 and nothing is rescaled. Gradient clipping and the fp16 scaler run after that backward,
 so they see the exact gradient.
 
 Our own rather than a library's: Lightning has no token-weighted accumulation (its loss normalisation
@@ -44,9 +44,10 @@ class TokenMean:
         first = batch_idx % trainer.accumulate_grad_batches == 0
         return first, patches.closes_window(trainer)
 
-    def micro_batch(self, task: Any, total: torch.Tensor, count: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        """The loss to back-propagate for this micro-batch (``total / D``); at a window's last micro-batch
-        it also logs ``train_loss`` (the window's global token mean) and readies the gradient factor."""
+    def micro_batch(self, task: Any, total: torch.Tensor, count: torch.Tensor, batch_idx: int) -> tuple[torch.Tensor, bool]:
+        """The loss to back-propagate for this micro-batch (``total / D``), and whether it closes its window;
+        at a window's last micro-batch it also logs ``train_loss`` (the window's global token mean) and
+        readies the gradient factor."""
         trainer, strategy = task.trainer, task.trainer.strategy
         first, last = self.window(trainer, batch_idx)
         count = count.detach().to(total.dtype)
@@ -67,7 +68,7 @@ class TokenMean:
             if steps > 1:
                 self.factor = steps * trainer.world_size * self.divisor / tokens
             self.divisor = None
-        return loss
+        return loss, last
 
     def unscaled(self, term: torch.Tensor, steps: int) -> torch.Tensor:
         """A term added to a window's last micro-batch loss (a method's regularization) so that, after
