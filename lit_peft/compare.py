@@ -31,6 +31,7 @@ import argparse
 import hashlib
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -40,11 +41,11 @@ from typing import Any, Optional
 
 import yaml
 
-from lit_peft import files, report
+from lit_peft import files, report, tuning
 from lit_peft.errors import ConfigError
 
 CURVE_KEYS = ("train_loss_step", "train_loss_epoch", "train_loss", "val_loss")
-STUDY_KEYS = {"title", "base", "metric", "reference", "seeds", "budget", "runs", "notes", "wandb"}
+STUDY_KEYS = {"title", "base", "metric", "reference", "seeds", "budget", "runs", "notes", "wandb", "tune"}
 
 
 @dataclass
@@ -73,6 +74,8 @@ class Study:
     wandb: Optional[dict[str, Any]] = None
     source: Path = Path()
     extra: list[str] = field(default_factory=list)
+    #: the tuning stage (``lit_peft.tuning``): trials per run before the seeds train with the chosen values
+    tune: Optional[tuning.Tune] = None
 
 
 def as_args(overrides: Any, where: str) -> list[str]:
@@ -110,9 +113,9 @@ def load_study(path: Path) -> Study:
     runs = {name: (spec if isinstance(spec, dict) else {"config": spec}) if spec is not None else {}
             for name, spec in runs.items()}
     for name, spec in runs.items():
-        bad = sorted(set(spec) - {"config", "args"})
+        bad = sorted(set(spec) - {"config", "args", "tune"})
         if bad:
-            raise ConfigError(f"study '{path}': run '{name}' has unknown key(s) {bad}; a run has config and args")
+            raise ConfigError(f"study '{path}': run '{name}' has unknown key(s) {bad}; a run has config, args and tune")
     reference = raw.get("reference")
     if reference is not None and reference not in runs:
         raise ConfigError(f"study '{path}': reference '{reference}' is not one of the runs {list(runs)}")
@@ -123,7 +126,13 @@ def load_study(path: Path) -> Study:
     resolve = lambda p: str(p) if Path(p).is_absolute() or Path(p).exists() else str((root / p))  # noqa: E731
     study = Study(title=raw.get("title", path.stem), base=[resolve(b) for b in base], metric=raw["metric"],
                   reference=reference, seeds=seeds, budget=as_args(raw.get("budget"), "budget"), runs=runs,
-                  notes=raw.get("notes", ""), wandb=raw.get("wandb"), source=path)
+                  notes=raw.get("notes", ""), wandb=raw.get("wandb"), source=path,
+                  tune=tuning.load_tune(raw.get("tune"), f"study '{path}'", raw["metric"]))
+    for name, spec in runs.items():
+        if study.tune is None and spec.get("tune") is not None:
+            raise ConfigError(f"study '{path}': run '{name}' has tune but the study has no tune block (trials, metric, space)")
+        if study.tune is not None:
+            spec["space"] = tuning.run_space(study.tune, name, spec.pop("tune", None), f"study '{path}'")
     for name, spec in runs.items():
         configs = spec.get("config") or []
         spec["config"] = [resolve(c) for c in (configs if isinstance(configs, list) else [configs])]
@@ -134,12 +143,17 @@ def load_study(path: Path) -> Study:
     return study
 
 
-def plan(study: Study, out: Path) -> list[Run]:
+def plan(study: Study, out: Path, chosen: Optional[dict[str, dict[str, Any]]] = None) -> list[Run]:
+    """The study's (run, seed) fits; in a tuned study, those of the runs whose tuning chose values (``chosen``),
+    with those values."""
     runs = []
     for name, spec in study.runs.items():
+        if study.tune is not None and (chosen or {}).get(name) is None:
+            continue
         for seed in study.seeds:
             configs = study.base + spec["config"]
-            args = study.budget + spec["args"] + study.extra
+            tuned = as_args((chosen or {}).get(name), "chosen values")
+            args = study.budget + spec["args"] + tuned + study.extra
             digest = hashlib.sha1(json.dumps({"configs": [Path(c).read_text() for c in configs], "args": args,
                                               "seed": seed}).encode()).hexdigest()[:8]
             run = Run(name, seed, configs, args, key=digest, test=study.metric.startswith("test_"))
@@ -250,8 +264,66 @@ def seconds(value: float) -> str:
     return f"{value // 3600}h{value % 3600 // 60:02d}m" if value >= 3600 else f"{value // 60}m{value % 60:02d}s"
 
 
-def run_study(study: Study, out: Path) -> list[report.RunRecord]:
-    runs = plan(study, out)
+# ---- the tuning stage (lit_peft.tuning) --------------------------------------------------------
+def tune_runs(study: Study, out: Path, worker: Optional[str] = None) -> dict[str, dict[str, Any]]:
+    """Run the trials each run still needs (a ``--trial`` worker: one trial of its run) and return, per run,
+    what tuning did (``tuning.summary``)."""
+    tune = study.tune
+    done: dict[str, dict[str, Any]] = {}
+    for name, spec in study.runs.items():
+        if worker is not None and name != worker:
+            continue
+        optuna_study = tuning.open_study(out, name, tune)
+        if worker is None:
+            stale = tuning.release_interrupted(optuna_study)  # we hold the study's lock: nothing else runs its trials
+            if stale:
+                print(f"[lit-peft compare] {name}: {stale} trial(s) an earlier compare left unfinished will run again")
+        todo = tuning.remaining(optuna_study, tune)
+        if todo:
+            print(f"[lit-peft compare] tuning {name}: {tune.trials - todo}/{tune.trials} trials done, "
+                  f"{1 if worker else todo} to run", flush=True)
+        for _ in range(1 if worker else todo):
+            if not run_trial(study, out, name, spec, optuna_study):
+                break
+        done[name] = tuning.summary(optuna_study, tune)
+    return done
+
+
+def run_trial(study: Study, out: Path, name: str, spec: dict[str, Any], optuna_study: Any) -> bool:
+    """One trial of run ``name``: ``lit-peft fit`` on the tuning budget with the sampled values, validating on
+    rows held out of training; its outcome told to the study. False when none was left to run."""
+    tune = study.tune
+    with files.lock(out / "tuning" / "ask"):  # counting and asking as one step: array tasks ask at once
+        if not tuning.remaining(optuna_study, tune):
+            return False
+        trial = optuna_study.ask(tuning.distributions(spec["space"]))
+    params = {key: tuning.as_value(value) for key, value in trial.params.items()}
+    seed = study.seeds[0]
+    run = Run(name, seed, study.base + spec["config"], study.budget + spec["args"] + as_args(tune.budget, "tune.budget")
+              + as_args(params, "sampled values") + study.extra)
+    run.folder = out / "tuning" / name / f"trial{trial.number:03d}"
+    run.log = out / "logs" / f"tuning-{name}-trial{trial.number:03d}.log"
+    if run.folder.exists():  # a trial number is never reused; a leftover folder is set aside, not overwritten
+        run.folder.rename(run.folder.with_name(f"{run.folder.name}.attempt-{time.strftime('%Y%m%d-%H%M%S')}"))
+    args = fit_args(run)
+    for callback in tuning.trial_callbacks(out, name, trial, tune, run.folder, seed):
+        args += ["--trainer.callbacks+", json.dumps(callback)]
+    if "trainer.val_check_interval" not in tune.budget:
+        args += ["--trainer.val_check_interval", str(tune.report_every)]
+    print(f"[lit-peft compare]   trial {trial.number} of {name}: " + ", ".join(f"{k.split('.')[-1]}={v}" for k, v in params.items()),
+          flush=True)
+    start = time.time()
+    ok = _call(run, "fit", args, "w")
+    error = "" if ok else json.loads((run.folder / "failed.json").read_text())["error"]
+    verdict = tuning.tell(optuna_study, trial, run.folder, ok, time.time() - start, tune.metric, error)
+    # a trial is never resumed: its checkpoints (a full fine-tune's are the whole model) would only fill the disk
+    shutil.rmtree(run.folder / "checkpoints", ignore_errors=True)
+    print(f"[lit-peft compare]   trial {trial.number} of {name}: {verdict} in {seconds(time.time() - start)}", flush=True)
+    return True
+
+
+def run_study(study: Study, out: Path, chosen: Optional[dict[str, dict[str, Any]]] = None) -> list[report.RunRecord]:
+    runs = plan(study, out, chosen)
     todo = [r for r in runs if state(r) != "finished"]
     print(f"[lit-peft compare] {study.title}: {len(runs)} runs, {len(runs) - len(todo)} finished before, {len(todo)} to run")
     durations: list[float] = []
@@ -269,18 +341,33 @@ def run_study(study: Study, out: Path) -> list[report.RunRecord]:
 def submit_study(study: Study, out: Path, slurm_args: list[str]) -> None:
     from lit_peft import submit
 
-    runs = [r for r in plan(study, out) if state(r) != "finished"]
-    if not runs:
-        print("[lit-peft compare] every run is finished; nothing to submit")
-        return
     cfg = submit.parser().parse_args(["--config", study.base[0], "--job_name", "lit-peft-compare", *slurm_args])
-    script = submit.render(cfg, [], time.strftime("%Y%m%d-%H%M%S"), sweep=[fit_args(r) for r in runs], shared=[])
+    chosen: dict[str, Any] = {}
+    if study.tune is not None:
+        trials = []  # one array task per trial still to run: `lit-peft compare STUDY --trial RUN`
+        for name in study.runs:
+            optuna_study = tuning.open_study(out, name, study.tune)
+            chosen[name] = tuning.chosen(optuna_study)
+            trials += [name] * tuning.remaining(optuna_study, study.tune)
+        if trials:
+            head = [str(study.source.resolve()), "--output_dir", str(out.resolve())]
+            script = submit.render(cfg, [], time.strftime("%Y%m%d-%H%M%S"), command="compare",
+                                   sweep=[head + ["--trial", name, "--"] + study.extra for name in trials], shared=[])
+            what = f"{len(trials)} tuning trials"
+    if study.tune is None or not trials:
+        runs = [r for r in plan(study, out, chosen) if state(r) != "finished"]
+        if not runs:
+            print("[lit-peft compare] every run is finished; nothing to submit")
+            return
+        script = submit.render(cfg, [], time.strftime("%Y%m%d-%H%M%S"), sweep=[fit_args(r) for r in runs], shared=[])
+        what = f"{len(runs)} runs"
     if cfg.dry_run:
         print(script, end="")
         return
     job = submit.sbatch(script, cfg)
-    print(f"[lit-peft compare] {len(runs)} runs as array job {job}; when they end: "
-          f"lit-peft compare {study.source} --output_dir {out}")
+    after = "submit the tuned runs" if study.tune is not None and trials else "build the tables"
+    print(f"[lit-peft compare] {what} as array job {job}; when they end, to {after}: "
+          f"lit-peft compare {study.source} --output_dir {out}" + (" --slurm ..." if after.startswith("submit") else ""))
 
 
 def log_to_wandb(study: Study, rows: list[dict[str, Any]], plots: dict[str, Path], out: Path) -> None:
@@ -307,6 +394,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--slurm", nargs=argparse.REMAINDER, default=None,
                    help="submit the runs as one array job; what follows goes to lit-peft slurm (e.g. --partition gpu)")
     p.add_argument("--only", nargs="+", default=None, help="run these runs of the study only")
+    p.add_argument("--trial", default=None, metavar="RUN",
+                   help="run one tuning trial of RUN and exit (what the array tasks of a tuned --slurm study run)")
     return p
 
 
@@ -329,6 +418,11 @@ def main(argv: list[str]) -> int:
     metric = cfg.metric or (study.metric if study else None)
     if metric is None:
         raise ConfigError("--collect without a study needs --metric (e.g. val_acc)")
+    if cfg.trial is not None:
+        if study is None or study.tune is None or cfg.trial not in study.runs:
+            raise ConfigError(f"--trial {cfg.trial}: needs a study with a tune block and a run of that name")
+        tune_runs(study, out, worker=cfg.trial)  # no study lock: array tasks run trials side by side
+        return 0
     guard = files.lock(out, timeout=0)  # one compare at a time on a study: a second would restart its live runs
     try:
         guard.acquire()
@@ -345,7 +439,15 @@ def _compare(cfg: argparse.Namespace, study: Optional[Study], out: Path, metric:
     if cfg.slurm is not None:
         submit_study(study, out, cfg.slurm)
         return 0
-    records = collect(cfg.collect, metric) if cfg.collect else run_study(study, out)
+    tuned: dict[str, dict[str, Any]] = {}
+    if study is not None and study.tune is not None and not cfg.collect:
+        tuned = tune_runs(study, out)
+    records = collect(cfg.collect, metric) if cfg.collect else run_study(study, out, {k: v["chosen"] for k, v in tuned.items()})
+    for name, what in tuned.items():
+        if what["chosen"] is None:  # every trial failed: the run is in the tables with the first error
+            first = next((t["error"] for t in what["all"] if t["error"]), "no trial completed")
+            records += [report.RunRecord(name, seed, "failed", str(out / "tuning" / name),
+                                         error=f"tuning chose nothing: {first}") for seed in study.seeds]
     finished = [r for r in records if r.status == "finished"]
     if not finished:
         failed = [r for r in records if r.status == "failed"]
@@ -357,8 +459,8 @@ def _compare(cfg: argparse.Namespace, study: Optional[Study], out: Path, metric:
     reference = cfg.reference or (study.reference if study else None)
     title = study.title if study else f"runs under {', '.join(map(str, cfg.collect))}"
     notes = study.notes if study else ""
-    rows = report.write_tables(records, out, metric, reference, title, notes)
-    plots = report.write_plots(rows, records, out, metric)
+    rows = report.write_tables(records, out, metric, reference, title, notes, tuned)
+    plots = report.write_plots(rows, records, out, metric, tuned)
     if study is not None and study.wandb is not None:
         log_to_wandb(study, rows, plots, out)
     failed = sum(r.status == "failed" for r in records)

@@ -12,6 +12,7 @@ arguments it records, the pretrained backbone is loaded again, and the trained s
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,13 @@ def merge_checkpoint(ckpt_path: str | Path, output_dir: Path, dtype: str = "floa
                             "backbone": task.backbone_name}
     if getattr(method, "quant_type", None):
         note["dequantized_from"] = method.quant_type  # the 4-bit base weights were dequantized, then merged
+    if getattr(task, "pooling", "cls") == "mean":
+        # transformers' class reads the CLS token through a pooler; this model was trained on the mean
+        note["pooling"] = "mean"
+        merged.config.lit_peft_pooling = "mean"
+        print("[lit-peft] warning: the model was trained with pooling: mean; transformers' own class pools the CLS "
+              "token, so load the merged folder as a lit-peft backbone (backbone: <folder>, pooling: mean) to "
+              "predict as trained", file=sys.stderr)
     with files.folder_in_place(output_dir) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         if task.tokenizer is not None:  # a forecaster has none

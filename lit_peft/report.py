@@ -10,7 +10,11 @@ figures, curves from ``metrics.csv``, resolved config, versions, hardware). Out 
   seeds' spread at p < 0.05; with one seed a side there is no spread to compare, and it says so);
 - plots (matplotlib, PNG): the task metric against trainable % (log scale, Pareto front marked),
   training time, peak memory and adapter size per method, and every method's training loss and
-  validation metric against the step on one figure.
+  validation metric against the step on one figure;
+- for a tuned study (``tuned``: per run, what ``lit_peft.tuning.summary`` says), a table of the values
+  each method chose, its trials run, pruned and failed, and the tuning time (in ``results.md`` and
+  ``tuning.md``), every trial in ``results.json``, and ``tuning.png``: each method's trials, the
+  held-out metric against the learning rate (or the first numeric value tuned).
 
 Each plot function returns its matplotlib Figure, so tests read the data it drew. Written here:
 no library turns run folders into this table (PEFT keeps scripts and an app of its own for it).
@@ -175,8 +179,27 @@ def run_rows(records: list[RunRecord], metric: str) -> tuple[list[str], list[dic
     return header, rows
 
 
+def short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+def tuning_markdown(tuned: dict[str, dict[str, Any]], metric: str) -> str:
+    """Per method: the values tuning chose, its best held-out metric, trials run / pruned / failed, time."""
+    keys = list(dict.fromkeys(k for what in tuned.values() for t in what["all"] for k in t["params"]))
+    head = ["method"] + [k.split(".")[-1] for k in keys] + [f"best held-out {metric}", "trials", "pruned", "failed",
+                                                            "tuning time (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, what in tuned.items():
+        chosen = what["chosen"] or {}
+        cells = [name] + [short(chosen[k]) if k in chosen else "–" for k in keys]
+        cells += [fmt(what["best_value"]), str(what["trials"]), str(what["pruned"]), str(what["failed"]),
+                  fmt(what["seconds"], "{:.0f}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_tables(records: list[RunRecord], out: Path, metric: str, reference: Optional[str], title: str,
-                 notes: str = "") -> list[dict[str, Any]]:
+                 notes: str = "", tuned: Optional[dict[str, dict[str, Any]]] = None) -> list[dict[str, Any]]:
     """``results.csv``, ``results.json`` and ``results.md`` in ``out``; returns the method rows."""
     out.mkdir(parents=True, exist_ok=True)
     rows = method_table(records, metric, reference)
@@ -188,8 +211,15 @@ def write_tables(records: list[RunRecord], out: Path, metric: str, reference: Op
     files.write_text(out / "results.csv", buffer.getvalue())  # each whole or not at all
     files.write_text(out / "results.json", json.dumps(
         {"title": title, "metric": metric, "reference": reference, "methods": rows,
-         "runs": [asdict(r) for r in records]}, indent=1, default=str) + "\n")
-    files.write_text(out / "results.md", markdown(rows, records, metric, reference, title, notes))
+         "runs": [asdict(r) for r in records], **({"tuning": tuned} if tuned else {})}, indent=1, default=str) + "\n")
+    text = markdown(rows, records, metric, reference, title, notes)
+    if tuned:
+        tune_metric = next((t["metric"] for t in tuned.values() if t.get("metric")), "metric")
+        table = tuning_markdown(tuned, tune_metric)
+        files.write_text(out / "tuning.md", table)
+        text += ("\n## Tuning\n\nEach method's values were chosen by the same number of trials on rows held out of "
+                 f"the training split (never the reported split); the table above is its seeds trained with them.\n\n{table}")
+    files.write_text(out / "results.md", text)
     return rows
 
 
@@ -282,10 +312,44 @@ def plot_curves(records: list[RunRecord], metric: str):
     return fig
 
 
-def write_plots(rows: list[dict[str, Any]], records: list[RunRecord], out: Path, metric: str) -> dict[str, Path]:
+def plot_trials(tuned: dict[str, dict[str, Any]]):
+    """Each method's trials: the held-out metric against the learning rate (log scale; else the first numeric
+    value tuned). Complete trials filled, pruned ones hollow at their last reported value, the chosen one ringed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    keys = list(dict.fromkeys(k for what in tuned.values() for t in what["all"] for k in t["params"]
+                              if isinstance(t["params"][k], (int, float)) and not isinstance(t["params"][k], bool)))
+    key = next((k for k in keys if k.endswith("learning_rate")), keys[0] if keys else None)
+    for i, (name, what) in enumerate(tuned.items()):
+        color = f"C{i % 10}"
+        for state, face in (("COMPLETE", color), ("PRUNED", "none")):
+            points = [(t["params"][key], t["value"] if state == "COMPLETE" else list(t["intermediate"].values())[-1])
+                      for t in what["all"] if t["state"] == state and key in t["params"]
+                      and (t["value"] is not None or t["intermediate"])]
+            if points:
+                ax.scatter(*zip(*points), marker=MARKERS[i // 10 % len(MARKERS)], facecolors=face, edgecolors=color,
+                           label=name if state == "COMPLETE" else f"{name} (pruned)")
+        if what["chosen"] and key in what["chosen"] and what["best_value"] is not None:
+            ax.scatter([what["chosen"][key]], [what["best_value"]], s=160, facecolors="none", edgecolors="k", linewidths=1)
+    if key is not None and key.endswith("learning_rate"):
+        ax.set_xscale("log")
+    ax.set_xlabel(key or "trial")
+    ax.set_ylabel("held-out metric")
+    ax.set_title("tuning trials (ringed: chosen)")
+    ax.grid(alpha=0.3)
+    if ax.collections:
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def write_plots(rows: list[dict[str, Any]], records: list[RunRecord], out: Path, metric: str,
+                tuned: Optional[dict[str, dict[str, Any]]] = None) -> dict[str, Path]:
     figures = {"metric_vs_trainable.png": plot_metric_vs_trainable(rows, metric),
                "costs.png": plot_costs(rows),
                "curves.png": plot_curves(records, metric)}
+    if tuned:
+        figures["tuning.png"] = plot_trials(tuned)
     paths = {}
     for name, fig in figures.items():
         fig.savefig(out / name, dpi=110)

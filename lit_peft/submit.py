@@ -96,10 +96,11 @@ def drop_option(header: list[str], key: str) -> list[str]:
 
 
 def render(cfg: argparse.Namespace, fit_args: list[str], tag: Optional[str] = None,
-           sweep: Optional[list[list[str]]] = None, shared: Optional[list[str]] = None) -> str:
+           sweep: Optional[list[list[str]]] = None, shared: Optional[list[str]] = None, command: str = "fit") -> str:
     """The sbatch script for these options. ``sweep`` (one argument list per array index) and
     ``shared`` (the arguments before them; by default the ``--config`` files) serve callers such as
-    ``lit-peft compare``, whose runs differ in more than one config or method."""
+    ``lit-peft compare``, whose runs differ in more than one config or method; ``command`` is the lit-peft
+    command each task runs (``compare`` for a tuned study's trials: ``compare STUDY --trial RUN -- ...``)."""
     if not cfg.config:
         raise ConfigError("give the run's config: lit-peft slurm --config configs/lora_sst2.yaml [...]")
     for path in cfg.config + (cfg.array_configs or []):
@@ -154,6 +155,8 @@ def render(cfg: argparse.Namespace, fit_args: list[str], tag: Optional[str] = No
     block = [f"# rendered by lit-peft slurm{f' at {tag}' if tag else ''} from {path}",
              f"cd {shlex.quote(os.getcwd())}",
              f"export LIT_PEFT_ENV={shlex.quote(env)}"]
+    if command != "fit":
+        block.append(f"export LIT_PEFT_COMMAND={shlex.quote(command)}")
     if sweep:
         block.append("export LIT_PEFT_RENDERED=1")
         block.append('case "$SLURM_ARRAY_TASK_ID" in')

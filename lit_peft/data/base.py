@@ -104,6 +104,30 @@ class RowSelection(Sequence):
         return self.dataset[self.indices[k]]
 
 
+class Rows(Dataset):
+    """Some rows of a dataset, by index, in that order: what a tuning trial trains on and what it holds
+    out of training to validate on (``SplitDataModule.hold_out``). Batches are fetched and lengths read
+    through the underlying dataset (its ``__getitems__`` and ``lengths`` where it has them)."""
+
+    def __init__(self, dataset: Dataset, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+        base_lengths = getattr(dataset, "lengths", None)
+        if callable(base_lengths):
+            index = torch.tensor(self.indices, dtype=torch.long)
+            self.lengths = lambda *args: base_lengths(*args)[index]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[self.indices[i]]
+
+    def __getitems__(self, indices: list[int]) -> Any:
+        rows = [self.indices[i] for i in indices]
+        fetch = getattr(self.dataset, "__getitems__", None)
+        return fetch(rows) if fetch is not None else [self.dataset[i] for i in rows]
+
+
 class PadCollator:
     """Pad a batch of rows to its longest row: each 1-D tensor key with its pad value (``pad_values``;
     0 for keys not named), on the tokenizer's padding side; scalar keys (labels) become a tensor.
@@ -186,6 +210,32 @@ class SplitDataModule(LightningDataModule):
         return DataLoader(dataset, batch_size=h.eval_batch_size or h.batch_size, sampler=sampler, shuffle=False,
                           collate_fn=self.collate_fn(False), num_workers=h.num_workers,
                           generator=torch.Generator().manual_seed(h.seed))
+
+    def hold_out(self, rows: float | int, seed: int) -> tuple[int, int]:
+        """Validate on rows held out of the training split instead of the validation split: what a tuning
+        trial does (``lit_peft.trial.HoldOutValidation``), so choosing a method's settings never sees the
+        split a study reports. ``rows``: a fraction of the training rows (0.2) or a count (500). Returns
+        (training rows kept, rows held out)."""
+        if "train" not in self.datasets:
+            raise ConfigError(f"{type(self).__name__} has no training split to hold validation rows out of")
+        train = self.datasets["train"]
+        total = len(train)
+        count = int(round(total * rows)) if isinstance(rows, float) else int(rows)
+        if not 0 < count < total:
+            raise ConfigError(f"tune.holdout={rows} holds out {count} of the {total} training rows; give a fraction "
+                              "in (0, 1) or a count below the number of training rows")
+        held, dropped = self.held_out_rows(total, count, seed)
+        left_out = set(held) | set(dropped)
+        self.datasets["val"] = Rows(train, held)
+        self.datasets["train"] = Rows(train, [i for i in range(total) if i not in left_out])
+        return len(self.datasets["train"]), len(held)
+
+    def held_out_rows(self, total: int, count: int, seed: int) -> tuple[list[int], list[int]]:
+        """(the ``count`` training rows ``hold_out`` validates on, rows it drops from training as well): a
+        seeded random draw, in row order, dropping nothing. Data whose rows are not exchangeable (time-series
+        windows) says otherwise."""
+        order = torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()
+        return sorted(order[:count]), []
 
     def row_lengths(self, split: str, train: bool) -> Optional[torch.Tensor]:
         """Tokens per row of ``split``: what training batches are grouped by and evaluation rows

@@ -357,6 +357,17 @@ class ForecastingData(SplitDataModule):
         return SeriesWindows(self.values, self.times, series, np.tile(starts, n_series), h.context_len, horizon, freq,
                              self.loc.float(), self.scale.float(), rows=torch.arange(n_series))
 
+    def held_out_rows(self, total: int, count: int, seed: int) -> tuple[list[int], list[int]]:
+        """Windows are not exchangeable: a random draw would validate on hours whose neighbours trained.
+        The held-out windows are the latest (by first target row, every series alike), and the training
+        windows whose targets reach into their period are dropped, as the validation split's would be."""
+        starts = self.datasets["train"].starts
+        cut = torch.sort(starts, descending=True).values[count - 1]  # the latest ``count`` windows start here or later
+        held = [i for i in range(total) if starts[i] >= cut]
+        horizon = self.datasets["train"].horizon_len
+        dropped = [i for i in range(total) if starts[i] < cut and starts[i] + horizon > cut]
+        return held, dropped
+
     def setup(self, stage: str) -> None:
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}[stage]
         for split in splits:
