@@ -3,7 +3,9 @@
 Every parameter trains (except modules named in ``freeze``), but the gradient of each projected
 weight matrix is projected to rank ``rank`` before the optimizer sees it, so the optimizer's
 moments are rank x n instead of m x n; the projection is refreshed from the gradient's SVD every
-``update_proj_gap`` steps and the update is scaled by ``scale`` when projected back.
+``update_proj_gap`` steps (an integer; or a fraction of the run's optimizer steps, so the refreshes fit
+any length: GaLore's 200 steps never refresh a 125-step run) and the update is scaled by ``scale``
+when projected back.
 
 ``targets`` picks the projected matrices: ``all`` (every 2-D weight outside the head, embeddings
 included: on MiniLM the embeddings are half the parameters), ``all-linear`` (the linear layers),
@@ -15,7 +17,7 @@ objects; checkpoints store them as plain fields and tensors (so they load with
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from lightning.pytorch import Trainer
@@ -40,13 +42,14 @@ class GaLore(Method):
     # all of it is the optimizer's: the model is the plain backbone
     training_only = frozenset({"rank", "update_proj_gap", "scale", "proj_type", "optimizer", "targets", "freeze"})
 
-    def __init__(self, rank: int = 64, update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std",
+    def __init__(self, rank: int = 64, update_proj_gap: Union[int, float] = 200, scale: float = 0.25, proj_type: str = "std",
                  optimizer: str = "adamw", targets: Targets = "all", freeze: Optional[list[str]] = None) -> None:
         """
         Args:
             rank: rank of the projected gradients (at most a quarter of the hidden size keeps the
                 optimizer state under ~30% of AdamW's).
-            update_proj_gap: optimizer steps between refreshes of each projection.
+            update_proj_gap: optimizer steps between refreshes of each projection, or a fraction in (0, 1) of
+                the run's optimizer steps (0.25: four projections over the run, whatever its length).
             scale: factor on the projected-back update.
             proj_type: galore-torch's projection side: std, reverse_std, left, right or full.
             optimizer: adamw, adamw8bit (bitsandbytes, CUDA only) or adafactor.
@@ -56,8 +59,10 @@ class GaLore(Method):
         super().__init__()
         if rank < 1:
             raise ConfigError(f"GaLore rank must be a positive integer, got {rank}")
-        if update_proj_gap < 1:
-            raise ConfigError(f"update_proj_gap must be at least 1, got {update_proj_gap}")
+        if (isinstance(update_proj_gap, float) and not 0 < update_proj_gap < 1) or (
+                isinstance(update_proj_gap, int) and update_proj_gap < 1):
+            raise ConfigError(f"update_proj_gap must be a number of steps (at least 1) or a fraction of the run in "
+                              f"(0, 1), got {update_proj_gap}")
         if optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown GaLore optimizer '{optimizer}'; use one of {list(OPTIMIZERS)}")
         if proj_type not in PROJ_TYPES:
@@ -105,7 +110,7 @@ class GaLore(Method):
                 groups.append({**group, "params": rest})
             if projected:
                 groups.append({**group, "params": projected, "name": group["name"] + "+galore", "rank": self.rank,
-                               "update_proj_gap": self.update_proj_gap, "scale": self.scale, "proj_type": self.proj_type})
+                               "update_proj_gap": self.gap_steps(None), "scale": self.scale, "proj_type": self.proj_type})
         return groups
 
     def build_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -145,8 +150,21 @@ class GaLore(Method):
                     state["projector"] = projector
         self._move_projectors = True  # checkpoints load on the CPU; the optimizer's tensors move, these do not
 
+    def gap_steps(self, trainer: Optional[Trainer]) -> int:
+        """``update_proj_gap`` in optimizer steps (a fraction needs the run's length: 1 until it is known)."""
+        if isinstance(self.update_proj_gap, int):
+            return self.update_proj_gap
+        total = int(trainer.estimated_stepping_batches) if trainer is not None else 0
+        return max(1, int(self.update_proj_gap * total))
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Put restored projection matrices on their parameters' device (galore-torch does not move them)."""
+        """Set a fractional projection gap from the run's length (before the first step builds the projectors);
+        put restored projection matrices on their parameters' device (galore-torch does not move them)."""
+        if isinstance(self.update_proj_gap, float):
+            for optimizer in trainer.optimizers:
+                for group in optimizer.param_groups:
+                    if "rank" in group:
+                        group["update_proj_gap"] = self.gap_steps(trainer)
         if not self._move_projectors:
             return
         self._move_projectors = False

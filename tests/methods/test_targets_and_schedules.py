@@ -105,6 +105,41 @@ def test_a_bad_adalora_schedule_is_one_line(tinit, tfinal, says) -> None:
         methods.AdaLoRA(tinit=tinit, tfinal=tfinal)
 
 
+@pytest.mark.parametrize("max_epochs", [1, 2])
+def test_galore_projection_gap_as_a_fraction_fits_the_runs_length(tiny_bert, toy_data, max_epochs) -> None:
+    """update_proj_gap: 0.25 refreshes each projection four times over the run, whatever its length (200
+    steps never refreshed a 125-step run after the first projection)."""
+    task = SequenceClassification(backbone=tiny_bert, learning_rate=1e-3, warmup_ratio=0.0)
+    method = methods.GaLore(rank=4, update_proj_gap=0.25, scale=1.0)
+    svds = []
+    from galore_torch.galore_projector import GaLoreProjector
+
+    original = GaLoreProjector.get_orthogonal_matrix
+
+    def counted(self, *args, **kwargs):
+        svds.append(self.update_proj_gap)
+        return original(self, *args, **kwargs)
+
+    GaLoreProjector.get_orthogonal_matrix = counted
+    try:
+        quiet_trainer(max_epochs=max_epochs, callbacks=[method]).fit(
+            task, datamodule=SST2Data(data_dir=str(toy_data), batch_size=16))
+    finally:
+        GaLoreProjector.get_orthogonal_matrix = original
+    steps = 16 * max_epochs
+    projected = len(method.projected)
+    assert set(svds) == {steps // 4}
+    assert len(svds) == 4 * projected  # at steps 0, 1/4, 2/4 and 3/4 of the run, for every projected matrix
+
+
+@pytest.mark.parametrize("gap", [0, 1.5, -0.5])
+def test_a_bad_galore_gap_is_one_line(gap) -> None:
+    from lit_peft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="update_proj_gap must be a number of steps"):
+        methods.GaLore(update_proj_gap=gap)
+
+
 def test_adalora_orthogonality_regularizer(tiny_bert) -> None:
     task = SequenceClassification(backbone=tiny_bert)
     method = methods.AdaLoRA(init_r=4, target_r=2, orth_reg_weight=0.5)
