@@ -273,7 +273,7 @@ def tune_runs(study: Study, out: Path, worker: Optional[str] = None) -> dict[str
     for name, spec in study.runs.items():
         if worker is not None and name != worker:
             continue
-        optuna_study = tuning.open_study(out, name, tune)
+        optuna_study = tuning.open_study(out, name, tune, spec["space"])
         if worker is None:
             stale = tuning.release_interrupted(optuna_study)  # we hold the study's lock: nothing else runs its trials
             if stale:
@@ -346,7 +346,7 @@ def submit_study(study: Study, out: Path, slurm_args: list[str]) -> None:
     if study.tune is not None:
         trials = []  # one array task per trial still to run: `lit-peft compare STUDY --trial RUN`
         for name in study.runs:
-            optuna_study = tuning.open_study(out, name, study.tune)
+            optuna_study = tuning.open_study(out, name, study.tune, study.runs[name]["space"])
             chosen[name] = tuning.chosen(optuna_study)
             trials += [name] * tuning.remaining(optuna_study, study.tune)
         if trials:

@@ -11,12 +11,14 @@ on the same budget before its seeds train with the values it chose. A study file
       holdout: 0.2                       # the share (or number) of training rows trials validate on
       report_every: 0.25                 # validations per epoch a trial reports (the pruner's checkpoints)
       enqueue: [{model.init_args.learning_rate: 1.0e-3}]   # points tried first (the config's own values)
+      sampler: tpe                       # or grid: every combination of the listed choices, trials = their number
 
 and a run may add to the space or replace it (``tune: {space: {...}, replace: true}``). Each run is an
 Optuna study named after it in ``<out>/tuning/journal.log`` (journal file storage: an interrupted
 study resumes, and the trials of a ``--slurm`` study run as array tasks that share the file). Each trial
 is one ``lit-peft fit`` in ``<out>/tuning/<run>/trial<NNN>/`` with the callbacks of ``lit_peft.trial``
-(held-out validation rows; reports to the trial, median pruning). The sampler is TPE, seeded per run.
+(held-out validation rows; reports to the trial, median pruning). The sampler is TPE, seeded per run
+(its first ten points are random ones), or, for the few trials a small budget affords, a grid.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any, Optional
 
 from lit_peft.errors import ConfigError
 
-TUNE_KEYS = {"trials", "metric", "direction", "budget", "space", "holdout", "report_every", "enqueue", "pruner"}
+TUNE_KEYS = {"trials", "metric", "direction", "budget", "space", "holdout", "report_every", "enqueue", "pruner", "sampler"}
 RANGE_KEYS = {"low", "high", "log", "step", "int"}
 LOWER_IS_BETTER = ("loss", "mse", "mae", "rmse", "perplexity", "crps", "mase", "error")
 
@@ -46,6 +48,7 @@ class Tune:
     enqueue: list[dict[str, Any]] = field(default_factory=list)
     startup_trials: int = 2  # the median pruner's: trials that finish before any is pruned
     warmup_steps: int = 0  # and the steps a trial runs before it can be pruned
+    sampler: str = "tpe"
 
 
 def direction_of(metric: str) -> str:
@@ -115,13 +118,30 @@ def load_tune(raw: Any, where: str, metric: str) -> Optional[Tune]:
     if not isinstance(pruner, dict) or set(pruner) - {"startup_trials", "warmup_steps"}:
         raise ConfigError(f"{where}: tune.pruner has startup_trials and warmup_steps (the median pruner's), got {pruner!r}")
     space = check_space(raw.get("space"), f"{where}: tune")
+    sampler = raw.get("sampler", "tpe")
+    if sampler not in ("tpe", "grid"):
+        raise ConfigError(f"{where}: tune.sampler must be tpe or grid, got {sampler!r}")
+    if sampler == "grid":
+        check_grid(space, trials, f"{where}: tune")
     for point in enqueue:
         missing = sorted(set(point) - set(space))
         if missing:
             raise ConfigError(f"{where}: tune.enqueue names {missing}, which the space does not have")
     return Tune(trials=trials, metric=tune_metric, direction=direction, budget=budget, space=space, holdout=holdout,
                 report_every=report, enqueue=enqueue, startup_trials=int(pruner.get("startup_trials", 2)),
-                warmup_steps=int(pruner.get("warmup_steps", 0)))
+                warmup_steps=int(pruner.get("warmup_steps", 0)), sampler=sampler)
+
+
+def check_grid(space: dict[str, Any], trials: int, where: str) -> None:
+    """A grid is lists alone, and the trials are its size: each point once."""
+    ranges = [k for k, v in space.items() if not isinstance(v, list)]
+    if ranges:
+        raise ConfigError(f"{where}: sampler grid takes lists of choices; {ranges} are ranges")
+    size = 1
+    for choices in space.values():
+        size *= len(choices)
+    if size != trials:
+        raise ConfigError(f"{where}: the grid has {size} points, so trials must be {size} (got {trials})")
 
 
 def run_space(tune: Tune, run: str, raw: Any, where: str) -> dict[str, Any]:
@@ -132,7 +152,10 @@ def run_space(tune: Tune, run: str, raw: Any, where: str) -> dict[str, Any]:
         raise ConfigError(f"{where}: run '{run}' tune must be {{space: {{...}}}} (to add to the study's) or "
                           "{space: {...}, replace: true} (instead of it)")
     own = check_space(raw["space"], f"{where}: run '{run}' tune")
-    return dict(own) if raw.get("replace") else {**tune.space, **own}
+    space = dict(own) if raw.get("replace") else {**tune.space, **own}
+    if tune.sampler == "grid":  # every run gets the same number of trials
+        check_grid(space, tune.trials, f"{where}: run '{run}' tune")
+    return space
 
 
 def distributions(space: dict[str, Any]) -> dict[str, Any]:
@@ -166,20 +189,37 @@ def storage_path(out: Path) -> Path:
     return out / "tuning" / "journal.log"
 
 
-def open_study(out: Path, run: str, tune: Tune) -> Any:
-    """Run ``run``'s Optuna study (created on first use, with the enqueued points)."""
+def open_study(out: Path, run: str, tune: Tune, space: Optional[dict[str, Any]] = None) -> Any:
+    """Run ``run``'s Optuna study (created on first use, with the enqueued points); ``space`` is the run's
+    (a grid sampler needs it)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     seed = int(hashlib.sha1(run.encode()).hexdigest()[:8], 16)
+    if tune.sampler == "grid":
+        grid = {k: [json.dumps(v) if isinstance(v, (dict, list)) else v for v in choices]
+                for k, choices in (space or tune.space).items()}
+        sampler = optuna.samplers.GridSampler(grid, seed=seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=seed)
     study = optuna.create_study(study_name=run, storage=journal(storage_path(out)), direction=tune.direction,
-                                sampler=optuna.samplers.TPESampler(seed=seed), load_if_exists=True,
+                                sampler=sampler, load_if_exists=True,
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=tune.startup_trials,
                                                                    n_warmup_steps=tune.warmup_steps))
     if not study.trials:
         for point in tune.enqueue:
             study.enqueue_trial(point)
     return study
+
+
+def finish(study: Any, trial: Any, *args: Any, **kwargs: Any) -> None:
+    """``study.tell`` outside ``study.optimize``: the grid sampler asks the study to stop once its last point
+    is told, which Optuna refuses outside ``optimize`` (after storing the trial); here there is nothing to stop."""
+    try:
+        study.tell(trial, *args, **kwargs)
+    except RuntimeError as err:
+        if "Study.stop" not in str(err):
+            raise
 
 
 def counted(trial: Any) -> bool:
@@ -200,7 +240,7 @@ def release_interrupted(study: Any) -> int:
     stale = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
     for trial in stale:
         study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
-        study.tell(trial.number, state=TrialState.FAIL)
+        finish(study, trial.number, state=TrialState.FAIL)
         study.enqueue_trial(trial.params, skip_if_exists=False)
     return len(stale)
 
@@ -238,13 +278,13 @@ def tell(study: Any, trial: Any, folder: Path, ok: bool, seconds: float, metric:
     summary = folder / "summary.json"
     value = json.loads(summary.read_text()).get(metric) if ok and summary.is_file() else None
     if ok and (folder / "pruned.json").is_file():
-        study.tell(trial, state=TrialState.PRUNED)
+        finish(study, trial, state=TrialState.PRUNED)
         return "pruned"
     if ok and value is not None:
-        study.tell(trial, float(value))
+        finish(study, trial, float(value))
         return f"{metric}={float(value):.4f}"
     storage.set_trial_user_attr(trial._trial_id, "error", error or f"the fit reported no {metric}")
-    study.tell(trial, state=TrialState.FAIL)
+    finish(study, trial, state=TrialState.FAIL)
     return f"FAILED: {error or f'no {metric}'}"
 
 

@@ -217,7 +217,8 @@ def test_ready_studies_load(path: Path, monkeypatch) -> None:
 
     monkeypatch.chdir(path.parents[1])  # studies name the shared data relative to the repository
     study = comparing.load_study(path)
-    runs = comparing.plan(study, Path("/tmp/unused"))
+    chosen = {name: {} for name in study.runs} if study.tune is not None else None  # as if tuning had chosen
+    runs = comparing.plan(study, Path("/tmp/unused"), chosen)
     assert len(runs) == len(study.runs) * len(study.seeds)
     assert len({r.key for r in runs}) == len(runs)  # every (run, seed) its own folder
 

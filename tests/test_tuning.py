@@ -144,6 +144,41 @@ def test_an_interrupted_study_resumes_its_trials(tiny_bert, toy_data, tmp_path) 
     assert sorted(p.name for p in (out / "tuning" / "lora").iterdir()) == ["trial000", "trial001", "trial002", "trial003"]
 
 
+def test_a_slurm_study_runs_its_trials_as_array_tasks_then_submits_the_tuned_runs(tiny_bert, toy_data, tmp_path) -> None:
+    """--slurm first submits one array task per trial (`compare STUDY --trial RUN`); the tasks share the
+    journal (two run here at once, as array tasks would); then --slurm submits the seeds with the chosen values."""
+    base = write_config(tmp_path, tiny_bert, toy_data)
+    path = tuned_study(tmp_path, base, enqueue=[], pruner={"startup_trials": 5})
+    out = tmp_path / "out"
+    first = compare(str(path), "--output_dir", str(out), "--slurm", "--partition", "cpu", "--dry_run", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "#SBATCH --array=0-3" in first.stdout and "export LIT_PEFT_COMMAND=compare" in first.stdout
+    cases = [line.split(") set -- ", 1)[1].removesuffix(" ;;") for line in first.stdout.splitlines()
+             if line.strip()[:2] in ("0)", "1)", "2)", "3)")]
+    assert [c.split("--trial ")[1].split()[0] for c in cases] == ["lora", "lora", "dora", "dora"]
+    import shlex
+
+    tasks = [subprocess.Popen([sys.executable, "-m", "lit_peft.cli", "compare", *shlex.split(c)], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in cases[:2]]
+    for task in tasks:
+        output = task.communicate(timeout=600)[0]
+        assert task.returncode == 0, output[-2000:]
+    for c in cases[2:]:
+        done = subprocess.run([sys.executable, "-m", "lit_peft.cli", "compare", *shlex.split(c)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    extra = subprocess.run([sys.executable, "-m", "lit_peft.cli", "compare", *shlex.split(cases[0])], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)  # a task requeued after the trials were done
+    assert extra.returncode == 0 and "trial" not in extra.stdout
+    trials = sorted(p.name for p in (out / "tuning").glob("*/trial*"))
+    assert trials == ["trial000", "trial000", "trial001", "trial001"]  # two a run: no run got a third
+    second = compare(str(path), "--output_dir", str(out), "--slurm", "--partition", "cpu", "--dry_run", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "#SBATCH --array=0-3" in second.stdout and "export LIT_PEFT_COMMAND" not in second.stdout
+    finals = [line for line in second.stdout.splitlines() if line.strip()[:2] in ("0)", "1)", "2)", "3)")]
+    assert all("--trainer.logger" in line and LR in line for line in finals)  # the seeds, with the chosen values
+
+
 @pytest.mark.parametrize("tune, words", [
     ({"trials": 0, "space": {LR: [1e-3]}}, "tune.trials must be a whole number"),
     ({"trials": 2, "space": {LR: [1e-3]}, "metric": "test_acc"}, "tune.metric must be a validation metric"),
@@ -152,9 +187,12 @@ def test_an_interrupted_study_resumes_its_trials(tiny_bert, toy_data, tmp_path) 
     ({"trials": 2, "space": {"learning_rate": [1e-3]}}, "must be a dotted config key"),
     ({"trials": 2, "space": {LR: {"low": 1e-5, "hi": 1e-2}}}, "unknown key(s) ['hi']"),
     ({"trials": 2, "space": {LR: [1e-3]}, "holdout": 1.5}, "tune.holdout must be a fraction"),
-    ({"trials": 2, "space": {LR: [1e-3]}, "sampler": "grid"}, "tune has unknown key(s) ['sampler']"),
+    ({"trials": 2, "space": {LR: [1e-3]}, "pruners": {}}, "tune has unknown key(s) ['pruners']"),
     ({"trials": 2, "space": {LR: [1e-3]}, "enqueue": [{"method.init_args.r": 4}]}, "which the space does not have"),
     ({"trials": 2}, "space must be a mapping"),
+    ({"trials": 2, "space": {LR: [1e-3, 1e-2]}, "sampler": "random"}, "tune.sampler must be tpe or grid"),
+    ({"trials": 3, "space": {LR: [1e-3, 1e-2]}, "sampler": "grid"}, "the grid has 2 points, so trials must be 2"),
+    ({"trials": 2, "space": {LR: {"low": 1e-3, "high": 1e-2}}, "sampler": "grid"}, "grid takes lists of choices"),
 ])
 def test_a_bad_tune_block_is_named(tmp_path, tune, words) -> None:
     from lit_peft.compare import load_study
@@ -193,6 +231,25 @@ def test_a_run_adds_to_or_replaces_the_space(tmp_path) -> None:
     assert list(runs["lora"]["space"]) == [LR]
     assert list(runs["wider"]["space"]) == [LR, "method.init_args.r"]
     assert list(runs["own"]["space"]) == ["method.init_args.r"]
+
+
+def test_a_grid_tries_each_point_once_and_a_stopped_one_again(tmp_path) -> None:
+    from lit_peft import tuning
+
+    tune = tuning.load_tune({"trials": 3, "sampler": "grid", "space": {LR: [1e-4, 1e-3, 1e-2]}}, "study", "val_acc")
+    study = tuning.open_study(tmp_path, "lora", tune)
+    first = study.ask(tuning.distributions(tune.space))
+    study.tell(first, 0.7)
+    stopped = study.ask(tuning.distributions(tune.space))  # left running: its compare was killed
+    study = tuning.open_study(tmp_path, "lora", tune)  # the next compare
+    assert tuning.release_interrupted(study) == 1 and tuning.remaining(study, tune) == 2
+    seen = []
+    while tuning.remaining(study, tune):
+        trial = study.ask(tuning.distributions(tune.space))
+        seen.append(trial.params[LR])
+        tuning.finish(study, trial, 0.5)
+    assert seen[0] == stopped.params[LR]  # the stopped point first
+    assert sorted([first.params[LR]] + seen) == [1e-4, 1e-3, 1e-2]  # and every point once
 
 
 def test_hold_out_takes_training_rows_only_and_each_once(tiny_bert, toy_data) -> None:
