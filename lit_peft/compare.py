@@ -265,6 +265,20 @@ def seconds(value: float) -> str:
 
 
 # ---- the tuning stage (lit_peft.tuning) --------------------------------------------------------
+def tuning_name(study: Study, name: str, spec: dict[str, Any]) -> str:
+    """The Optuna study (and folder) of run ``name``'s tuning: the run's name and a hash of all that its
+    trials depend on (configs' contents, overrides, the tune block, the space), so a changed config or
+    budget is tuned anew and never takes the old trials' choice."""
+    tune = study.tune
+    digest = hashlib.sha1(json.dumps({
+        "configs": [Path(c).read_text() for c in study.base + spec["config"]],
+        "args": study.budget + spec["args"] + study.extra, "seed": study.seeds[0], "space": spec["space"],
+        "tune": {k: getattr(tune, k) for k in ("metric", "direction", "budget", "holdout", "report_every", "enqueue",
+                                               "startup_trials", "warmup_steps", "sampler")},
+    }, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{name}-{digest}"
+
+
 def tune_runs(study: Study, out: Path, worker: Optional[str] = None) -> dict[str, dict[str, Any]]:
     """Run the trials each run still needs (a ``--trial`` worker: one trial of its run) and return, per run,
     what tuning did (``tuning.summary``)."""
@@ -273,7 +287,7 @@ def tune_runs(study: Study, out: Path, worker: Optional[str] = None) -> dict[str
     for name, spec in study.runs.items():
         if worker is not None and name != worker:
             continue
-        optuna_study = tuning.open_study(out, name, tune, spec["space"])
+        optuna_study = tuning.open_study(out, tuning_name(study, name, spec), tune, spec["space"])
         if worker is None:
             stale = tuning.release_interrupted(optuna_study)  # we hold the study's lock: nothing else runs its trials
             if stale:
@@ -299,14 +313,15 @@ def run_trial(study: Study, out: Path, name: str, spec: dict[str, Any], optuna_s
         trial = optuna_study.ask(tuning.distributions(spec["space"]))
     params = {key: tuning.as_value(value) for key, value in trial.params.items()}
     seed = study.seeds[0]
-    run = Run(name, seed, study.base + spec["config"], study.budget + spec["args"] + as_args(tune.budget, "tune.budget")
+    # named as its Optuna study: the logger puts the fit in <out>/tuning/<that name>/trialNNN
+    run = Run(optuna_study.study_name, seed, study.base + spec["config"], study.budget + spec["args"] + as_args(tune.budget, "tune.budget")
               + as_args(params, "sampled values") + study.extra)
-    run.folder = out / "tuning" / name / f"trial{trial.number:03d}"
-    run.log = out / "logs" / f"tuning-{name}-trial{trial.number:03d}.log"
+    run.folder = out / "tuning" / optuna_study.study_name / f"trial{trial.number:03d}"
+    run.log = out / "logs" / f"tuning-{optuna_study.study_name}-trial{trial.number:03d}.log"
     if run.folder.exists():  # a trial number is never reused; a leftover folder is set aside, not overwritten
         run.folder.rename(run.folder.with_name(f"{run.folder.name}.attempt-{time.strftime('%Y%m%d-%H%M%S')}"))
     args = fit_args(run)
-    for callback in tuning.trial_callbacks(out, name, trial, tune, run.folder, seed):
+    for callback in tuning.trial_callbacks(out, optuna_study.study_name, trial, tune, run.folder, seed):
         args += ["--trainer.callbacks+", json.dumps(callback)]
     if "trainer.val_check_interval" not in tune.budget:
         args += ["--trainer.val_check_interval", str(tune.report_every)]
@@ -346,7 +361,8 @@ def submit_study(study: Study, out: Path, slurm_args: list[str]) -> None:
     if study.tune is not None:
         trials = []  # one array task per trial still to run: `lit-peft compare STUDY --trial RUN`
         for name in study.runs:
-            optuna_study = tuning.open_study(out, name, study.tune, study.runs[name]["space"])
+            optuna_study = tuning.open_study(out, tuning_name(study, name, study.runs[name]), study.tune,
+                                             study.runs[name]["space"])
             chosen[name] = tuning.chosen(optuna_study)
             trials += [name] * tuning.remaining(optuna_study, study.tune)
         if trials:

@@ -14,9 +14,10 @@ on the same budget before its seeds train with the values it chose. A study file
       sampler: tpe                       # or grid: every combination of the listed choices, trials = their number
 
 and a run may add to the space or replace it (``tune: {space: {...}, replace: true}``). Each run is an
-Optuna study named after it in ``<out>/tuning/journal.log`` (journal file storage: an interrupted
-study resumes, and the trials of a ``--slurm`` study run as array tasks that share the file). Each trial
-is one ``lit-peft fit`` in ``<out>/tuning/<run>/trial<NNN>/`` with the callbacks of ``lit_peft.trial``
+Optuna study, named after it and a hash of what its trials depend on (so a changed config is tuned
+anew), in ``<out>/tuning/journal.log`` (journal file storage: an interrupted study resumes, and the
+trials of a ``--slurm`` study run as array tasks that share the file). Each trial is one
+``lit-peft fit`` in ``<out>/tuning/<run>-<hash>/trial<NNN>/`` with the callbacks of ``lit_peft.trial``
 (held-out validation rows; reports to the trial, median pruning). The sampler is TPE, seeded per run
 (its first ten points are random ones), or, for the few trials a small budget affords, a grid.
 """
@@ -190,8 +191,8 @@ def storage_path(out: Path) -> Path:
 
 
 def open_study(out: Path, run: str, tune: Tune, space: Optional[dict[str, Any]] = None) -> Any:
-    """Run ``run``'s Optuna study (created on first use, with the enqueued points); ``space`` is the run's
-    (a grid sampler needs it)."""
+    """The Optuna study named ``run`` (a run's name and a hash of what its trials depend on), created on
+    first use with the enqueued points; ``space`` is the run's (a grid sampler needs it)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

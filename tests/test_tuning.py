@@ -112,7 +112,7 @@ def test_selection_never_sees_the_reported_split(study) -> None:
         assert what["best_value"] > 0.6, what
         finals = [r for r in results["runs"] if r["name"] == name]
         assert finals and all(r["summary"]["val_acc"] < 0.45 for r in finals), [r["summary"].get("val_acc") for r in finals]
-    log = next((folder / "out" / "logs").glob("tuning-lora-trial000*.log")).read_text()
+    log = next((folder / "out" / "logs").glob("tuning-lora-*-trial000.log")).read_text()
     assert "validating on 64 rows held out of the training split; training on 192" in log
 
 
@@ -124,7 +124,7 @@ def test_an_interrupted_study_resumes_its_trials(tiny_bert, toy_data, tmp_path) 
                              "--only", "lora"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     deadline = time.time() + 600
-    while not (out / "tuning" / "lora" / "trial001").exists():  # the first trial is done, the second started
+    while not list((out / "tuning").glob("lora-*/trial001")):  # the first trial is done, the second started
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole study at once, as a lost node would stop it
@@ -141,7 +141,8 @@ def test_an_interrupted_study_resumes_its_trials(tiny_bert, toy_data, tmp_path) 
     assert what["all"][2]["params"] == interrupted["params"]  # the interrupted point is the next one tried
     assert what["trials"] == 3 and what["failed"] == 0
     # every trial in a folder of its own: the interrupted one's is kept as it was left, none written over
-    assert sorted(p.name for p in (out / "tuning" / "lora").iterdir()) == ["trial000", "trial001", "trial002", "trial003"]
+    (folder,) = (out / "tuning").glob("lora-*")
+    assert sorted(p.name for p in folder.iterdir()) == ["trial000", "trial001", "trial002", "trial003"]
 
 
 def test_a_slurm_study_runs_its_trials_as_array_tasks_then_submits_the_tuned_runs(tiny_bert, toy_data, tmp_path) -> None:
@@ -216,6 +217,21 @@ def test_a_bad_tune_block_is_one_line_and_runs_nothing(tmp_path) -> None:
     lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("lit-peft: error:") and "low < high" in lines[0], done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_changed_config_is_tuned_anew(tmp_path) -> None:
+    from lit_peft.compare import load_study, tuning_name
+
+    (tmp_path / "base.yaml").write_text("model: {init_args: {learning_rate: 1.0e-3}}\n")
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({"base": "base.yaml", "metric": "val_acc", "runs": {"lora": {}, "dora": {}},
+                                    "tune": {"trials": 2, "space": {LR: [1e-3, 1e-2]}, "sampler": "grid"}}))
+    study = load_study(path)
+    names = {run: tuning_name(study, run, spec) for run, spec in study.runs.items()}
+    assert names["lora"].startswith("lora-") and names["lora"] != names["dora"]
+    assert tuning_name(load_study(path), "lora", load_study(path).runs["lora"]) == names["lora"]  # stable
+    (tmp_path / "base.yaml").write_text("model: {init_args: {learning_rate: 2.0e-3}}\n")
+    assert tuning_name(load_study(path), "lora", load_study(path).runs["lora"]) != names["lora"]
 
 
 def test_a_run_adds_to_or_replaces_the_space(tmp_path) -> None:
