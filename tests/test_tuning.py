@@ -88,6 +88,15 @@ def test_each_method_gets_the_same_trials_and_its_seeds_train_with_the_chosen_va
     text = (folder / "out" / "results.md").read_text()
     assert "## Tuning" in text and "| lora | 0.01 |" in text
     assert (folder / "out" / "tuning.png").stat().st_size > 0
+    from lit_peft import report
+
+    fig = report.plot_trials(tuned)  # what tuning.png draws: each trial at its learning rate and value
+    points = {c.get_label(): [tuple(p) for p in c.get_offsets()] for c in fig.axes[0].collections if c.get_label()}
+    for name, what in tuned.items():
+        first, second = what["all"]
+        assert points[name] == [(1.0e-2, pytest.approx(first["value"]))]
+        assert points[f"{name} (pruned)"] == [(1.0e-9, pytest.approx(list(second["intermediate"].values())[-1]))]
+    assert fig.axes[0].get_xscale() == "log"
 
 
 def test_a_trial_behind_the_median_is_pruned(study) -> None:
