@@ -42,14 +42,15 @@ class GaLore(Method):
     # all of it is the optimizer's: the model is the plain backbone
     training_only = frozenset({"rank", "update_proj_gap", "scale", "proj_type", "optimizer", "targets", "freeze"})
 
-    def __init__(self, rank: int = 64, update_proj_gap: Union[int, float] = 200, scale: float = 0.25, proj_type: str = "std",
+    def __init__(self, rank: int = 64, update_proj_gap: Union[int, float] = 0.1, scale: float = 0.25, proj_type: str = "std",
                  optimizer: str = "adamw", targets: Targets = "all", freeze: Optional[list[str]] = None) -> None:
         """
         Args:
             rank: rank of the projected gradients (at most a quarter of the hidden size keeps the
                 optimizer state under ~30% of AdamW's).
             update_proj_gap: optimizer steps between refreshes of each projection, or a fraction in (0, 1) of
-                the run's optimizer steps (0.25: four projections over the run, whatever its length).
+                the run's optimizer steps (the default 0.1: ten projections over the run, whatever its length;
+                the paper's 200 steps suit its long pretraining runs and never refresh a short fine-tune).
             scale: factor on the projected-back update.
             proj_type: galore-torch's projection side: std, reverse_std, left, right or full.
             optimizer: adamw, adamw8bit (bitsandbytes, CUDA only) or adafactor.
