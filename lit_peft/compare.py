@@ -23,6 +23,10 @@ runs as one array job through ``lit-peft slurm`` instead; ``--collect DIR...`` b
 from finished run folders (the study's, or any lit-peft run folders). Tables and plots come from
 ``lit_peft.report``; a run that failed is in them with its error, and a study with no finished run
 is an error.
+
+A ``tune:`` block (``lit_peft.tuning``; docs/studies.md) adds a tuning stage before the seeds: every
+run gets the same number of Optuna trials on the same budget, each a ``lit-peft fit`` that validates
+on rows held out of its training split, and its seeds then train with the values it chose.
 """
 
 from __future__ import annotations
