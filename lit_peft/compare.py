@@ -210,8 +210,13 @@ def _fit(run: Run) -> bool:
         newest = max((run.folder / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
         args += ["--ckpt_path", str(newest)]
     elif run.folder.exists():  # a failed attempt, or one stopped before its first checkpoint: kept aside
-        run.folder.rename(run.folder.with_name(f"{run.folder.name}.attempt-{time.strftime('%Y%m%d-%H%M%S')}"))
+        set_aside(run.folder)
     return _call(run, "fit", args, "w")
+
+
+def set_aside(folder: Path) -> None:
+    """Rename an earlier attempt's folder to ``<name>.attempt-<time>``: kept, never overwritten."""
+    folder.rename(folder.with_name(f"{folder.name}.attempt-{time.strftime('%Y%m%d-%H%M%S')}"))
 
 
 def _call(run: Run, command: str, args: list[str], mode: str) -> bool:
@@ -323,7 +328,7 @@ def run_trial(study: Study, out: Path, name: str, spec: dict[str, Any], optuna_s
     run.folder = out / "tuning" / optuna_study.study_name / f"trial{trial.number:03d}"
     run.log = out / "logs" / f"tuning-{optuna_study.study_name}-trial{trial.number:03d}.log"
     if run.folder.exists():  # a trial number is never reused; a leftover folder is set aside, not overwritten
-        run.folder.rename(run.folder.with_name(f"{run.folder.name}.attempt-{time.strftime('%Y%m%d-%H%M%S')}"))
+        set_aside(run.folder)
     args = fit_args(run)
     for callback in tuning.trial_callbacks(out, optuna_study.study_name, trial, tune, run.folder, seed):
         args += ["--trainer.callbacks+", json.dumps(callback)]

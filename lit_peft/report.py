@@ -44,7 +44,8 @@ FIGURES = [
 ]
 #: shown where a run reports it: a causal LM's loss on general text after fine-tuning minus before (lit_peft.forgetting)
 FORGETTING = ("forgetting", "forgetting (Δ loss)", "{:+.4f}")
-LOWER_IS_BETTER = ("loss", "mse", "mae")
+#: words of a metric name that mean lower is better (the Pareto front; the direction tuning optimises)
+LOWER_IS_BETTER = ("loss", "mse", "mae", "perplexity", "crps", "mase", "error")
 MARKERS = ("o", "s", "^", "D")
 
 

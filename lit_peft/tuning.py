@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from lit_peft import report
 from lit_peft.errors import ConfigError
 
 TUNE_KEYS = {"trials", "metric", "direction", "budget", "space", "holdout", "report_every", "enqueue", "pruner", "sampler"}
 RANGE_KEYS = {"low", "high", "log", "step", "int"}
-LOWER_IS_BETTER = ("loss", "mse", "mae", "rmse", "perplexity", "crps", "mase", "error")
 
 
 @dataclass
@@ -53,7 +53,7 @@ class Tune:
 
 
 def direction_of(metric: str) -> str:
-    return "minimize" if any(word in metric for word in LOWER_IS_BETTER) else "maximize"
+    return "maximize" if report.higher_is_better(metric) else "minimize"
 
 
 def check_space(space: Any, where: str) -> dict[str, Any]:
