@@ -30,23 +30,33 @@ SETTINGS = {"ot": ["--data.init_args.target_columns", "[OT]"], "all": ["--data.i
 
 
 def seasonal_naive(data_dir: str, target: str, season: int = 24) -> dict:
-    """Test MSE / MAE of repeating each context's last ``season`` values over the 96-step horizon."""
+    """Test scores of repeating each context's last ``season`` values over the 96-step horizon (a point
+    forecast: its CRPS is its MAE, its WQL the absolute error over the absolute values)."""
     import torch
 
     from lit_peft.data import ForecastingData
+    from lit_peft.tasks.forecast_metrics import MASE, QuantileScores
 
     data = ForecastingData(data_dir=data_dir, target_columns=None if target == "all" else ["OT"], context_len=128,
                            horizon_len=128, eval_horizon_len=96, eval_batch_size=512)
     data.setup("test")
     squared = absolute = count = 0.0
+    mase, quantile = MASE(), QuantileScores()
     for batch in data.test_dataloader():
         last_day = batch["past_values"][:, -season:]
         forecast = last_day.repeat(1, -(-96 // season))[:, :96]
-        error = forecast - batch["future_values"]
+        target = batch["future_values"]
+        error = forecast - target
         squared += float((error ** 2).sum())
         absolute += float(error.abs().sum())
         count += error.numel()
+        mase.update(forecast, target, batch["past_values"], batch["season"])
+        scale, loc = batch["scale"][:, None], batch["loc"][:, None]
+        quantile.update(forecast[..., None], target, torch.tensor([0.5]), (forecast * scale + loc)[..., None],
+                        target * scale + loc)
+    scores = quantile.compute()
     return {"method": "seasonal naive", "test_mse": squared / count, "test_mae": absolute / count,
+            "test_mase": float(mase.compute()), "test_crps": float(scores["crps"]), "test_wql": float(scores["wql"]),
             "trainable_params": 0, "trainable_pct": 0.0, "train_time_s": 0.0, "peak_memory_mb": None}
 
 
@@ -84,11 +94,13 @@ def run(method: str, setting: str, args, save_dir: Path) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| setting | method | epochs | test MSE | test MAE | trainable params | trainable % | train time (s) | peak RSS (MB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| setting | method | epochs | test MSE | test MAE | MASE | CRPS | WQL | trainable params | trainable % | "
+             "train time (s) | peak RSS (MB) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    score = lambda r, k: f"{r[k]:.4f}" if r.get(k) is not None else "-"  # noqa: E731
     for r in rows:
         memory = f"{r['peak_memory_mb']:.0f}" if r.get("peak_memory_mb") else "-"
         lines.append(f"| {r['setting']} | {r['method']} | {r.get('epochs', 0)} | {r['test_mse']:.4f} | {r['test_mae']:.4f} | "
+                     f"{score(r, 'test_mase')} | {score(r, 'test_crps')} | {score(r, 'test_wql')} | "
                      f"{r['trainable_params']:,} | {r['trainable_pct']:.2f} | {r['train_time_s']:.0f} | {memory} |")
     return "\n".join(lines)
 

@@ -44,8 +44,10 @@ FIGURES = [
 ]
 #: shown where a run reports it: a causal LM's loss on general text after fine-tuning minus before (lit_peft.forgetting)
 FORGETTING = ("forgetting", "forgetting (Δ loss)", "{:+.4f}")
+#: forecasting scores shown beside a study's metric where its runs report them (lit_peft.tasks.forecast_metrics)
+FORECAST_SCORES = ("mae", "mase", "crps", "wql")
 #: words of a metric name that mean lower is better (the Pareto front; the direction tuning optimises)
-LOWER_IS_BETTER = ("loss", "mse", "mae", "perplexity", "crps", "mase", "error")
+LOWER_IS_BETTER = ("loss", "mse", "mae", "perplexity", "crps", "mase", "wql", "error")
 MARKERS = ("o", "s", "^", "D")
 
 
@@ -104,9 +106,13 @@ def no_test_reason(a: list[float], b: list[float]) -> Optional[str]:
     return None
 
 
-def figures_of(records: list[RunRecord]) -> list[tuple[str, str, str]]:
-    """The figure columns of these runs: ``FIGURES``, and forgetting where any run measured it."""
-    return FIGURES + ([FORGETTING] if any(FORGETTING[0] in r.summary for r in records) else [])
+def figures_of(records: list[RunRecord], metric: str = "") -> list[tuple[str, str, str]]:
+    """The figure columns of these runs: ``FIGURES``; forgetting where any run measured it; beside a
+    forecasting metric, the forecasting scores of its stage (MASE, CRPS, WQL) where runs report them."""
+    stage = metric.split("_")[0] if metric.startswith(("val_", "test_")) else None
+    scores = [(f"{stage}_{name}", f"{stage}_{name}", "{:.4f}") for name in FORECAST_SCORES
+              if stage and f"{stage}_{name}" != metric and any(f"{stage}_{name}" in r.summary for r in records)]
+    return FIGURES + ([FORGETTING] if any(FORGETTING[0] in r.summary for r in records) else []) + scores
 
 
 def method_table(records: list[RunRecord], metric: str, reference: Optional[str]) -> list[dict[str, Any]]:
@@ -121,7 +127,7 @@ def method_table(records: list[RunRecord], metric: str, reference: Optional[str]
                                "failed": sum(r.name == name and r.status == "failed" for r in records)}
         m, s, n = mean_std(values[name])
         row.update({f"{metric}_mean": m, f"{metric}_std": s, "n": n})
-        for key, _, _ in figures_of(records):
+        for key, _, _ in figures_of(records, metric):
             row[key] = mean_std([float(r.summary[key]) for r in finished[name] if r.summary.get(key) is not None])[0]
         if reference and name != reference and reference in values:
             ref = values[reference]
@@ -146,7 +152,7 @@ def markdown(rows: list[dict[str, Any]], records: list[RunRecord], metric: str, 
     if notes:
         lines += [notes.strip(), ""]
     head = ["method", f"{metric} (mean ± std, n)"] + ([f"Δ vs {reference}", "beyond seed noise?"] if reference else []) \
-        + [h for _, h, _ in figures_of(records)] + ["runs"]
+        + [h for _, h, _ in figures_of(records, metric)] + ["runs"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         score = f"{fmt(row[f'{metric}_mean'])} ± {fmt(row[f'{metric}_std'])} (n={row['n']})"
@@ -159,7 +165,7 @@ def markdown(rows: list[dict[str, Any]], records: list[RunRecord], metric: str, 
                            False: f"no (p={fmt(row.get('p_value'), '{:.3f}')})",
                            None: f"n/a: {row.get('no_test') or 'needs ≥2 seeds a side'}"}[row.get("exceeds_noise")]
                 cells += [fmt(row.get("difference"), "{:+.4f}"), verdict]
-        cells += [fmt(row[key], pattern) for key, _, pattern in figures_of(records)]
+        cells += [fmt(row[key], pattern) for key, _, pattern in figures_of(records, metric)]
         cells.append(f"{row['finished']}/{row['runs']}" + (f" ({row['failed']} failed)" if row["failed"] else ""))
         lines.append("| " + " | ".join(cells) + " |")
     failed = [r for r in records if r.status == "failed"]
@@ -174,7 +180,7 @@ def markdown(rows: list[dict[str, Any]], records: list[RunRecord], metric: str, 
 
 
 def run_rows(records: list[RunRecord], metric: str) -> tuple[list[str], list[dict[str, Any]]]:
-    keys = [metric] + [k for k, _, _ in figures_of(records)] + ["samples_per_s", "world_size", "device"]
+    keys = [metric] + [k for k, _, _ in figures_of(records, metric)] + ["samples_per_s", "world_size", "device"]
     extra = sorted({k for r in records for k, v in r.summary.items()
                     if k.startswith(("val_", "test_")) and isinstance(v, (int, float)) and k not in keys})
     header = ["method", "seed", "status"] + keys + extra + ["folder", "error"]

@@ -64,6 +64,25 @@ def timesfm_freq(freq: Union[str, int]) -> int:
     return 0 if days < 6 else 1 if days < 85 else 2
 
 
+def seasonality(alias: str) -> int:
+    """The season length of a pandas frequency alias, MASE's seasonal naive lag: steps per day below a
+    day (24 hourly, 96 at 15 minutes), 7 daily, 5 business-daily, 52 weekly, 12 monthly, 4 quarterly,
+    1 yearly or anything else."""
+    import pandas as pd
+
+    offset = pd.tseries.frequencies.to_offset(str(alias))
+    start = pd.Timestamp("2001-01-01")
+    days = (((start + 10 * offset) - (start + offset)) / 9) / pd.Timedelta(days=1)
+    if offset.name.startswith("B") or offset.name.startswith("C"):
+        return 5
+    if days < 1:
+        return max(1, round(1 / days))
+    for period, season in ((1, 7), (7, 52), (30.4, 12), (91.3, 4)):
+        if abs(days - period) / period < 0.1:
+            return season
+    return 1
+
+
 def infer_freq(times: "Any") -> Optional[str]:
     """The pandas alias of a time index (the most common step where ``pd.infer_freq`` gives up)."""
     import pandas as pd
@@ -115,15 +134,17 @@ class SeriesWindows(Dataset):
 
     def __init__(self, values: torch.Tensor, times: torch.Tensor, series: np.ndarray, starts: np.ndarray,
                  context_len: int, horizon_len: int, freq: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
-                 rows: Optional[torch.Tensor] = None) -> None:
+                 rows: Optional[torch.Tensor] = None, season: Optional[torch.Tensor] = None) -> None:
         """``rows`` maps a series to its row of ``values`` and ``times`` (default: series i is row i;
-        series of unequal lengths can share one concatenated row, ``starts`` then being positions in it)."""
+        series of unequal lengths can share one concatenated row, ``starts`` then being positions in it).
+        ``season`` is each series' season length (MASE's seasonal naive lag), given to every window as
+        ``season`` where set."""
         self.values, self.times = values, times
         self.series = torch.as_tensor(series, dtype=torch.long)
         self.rows = rows if rows is not None else torch.arange(values.shape[0])
         self.starts = torch.as_tensor(starts, dtype=torch.long)
         self.context_len, self.horizon_len = context_len, horizon_len
-        self.freq, self.loc, self.scale = freq, loc, scale
+        self.freq, self.loc, self.scale, self.season = freq, loc, scale, season
         self._past = torch.arange(-context_len, 0)
         self._future = torch.arange(horizon_len)
 
@@ -139,9 +160,12 @@ class SeriesWindows(Dataset):
         row = self.rows[series][:, None]
         trow = row if self.times.shape[0] > 1 else torch.zeros_like(row)  # one time axis shared by every row
         past, future = starts[:, None] + self._past, starts[:, None] + self._future
-        return {"past_values": self.values[row, past], "future_values": self.values[row, future],
-                "freq": self.freq[series], "loc": self.loc[series], "scale": self.scale[series],
-                "series": series, "start": starts, "past_time": self.times[trow, past], "future_time": self.times[trow, future]}
+        batch = {"past_values": self.values[row, past], "future_values": self.values[row, future],
+                 "freq": self.freq[series], "loc": self.loc[series], "scale": self.scale[series],
+                 "series": series, "start": starts, "past_time": self.times[trow, past], "future_time": self.times[trow, future]}
+        if self.season is not None:
+            batch["season"] = self.season[series]
+        return batch
 
 
 def gathered(batch: Any) -> dict[str, torch.Tensor]:
@@ -191,6 +215,7 @@ class ForecastingData(SplitDataModule):
         split_months: tuple[int, int, int] = (12, 4, 4),
         normalize: bool = True,
         freq: Optional[Union[str, int]] = None,
+        season_length: Optional[int] = None,
         predict_split: Literal["future", "test"] = "future",
         limit_train_windows: Optional[int] = None,
         batch_size: int = 64,
@@ -214,6 +239,9 @@ class ForecastingData(SplitDataModule):
             split: ``ratio`` (``split_ratios`` of the rows) or ``months`` (``split_months`` of 30 days).
             normalize: standardise each series with its training rows' mean and standard deviation.
             freq: a pandas frequency alias or TimesFM's index (0, 1, 2); inferred from the time column if null.
+            season_length: the seasonal naive forecast's lag that MASE scales by; null: from the frequency
+                (24 hourly, 96 at 15 minutes, 7 daily, 12 monthly: ``seasonality``), or 1 where that is
+                not shorter than ``context_len``.
             predict_split: what ``predict`` forecasts: ``future`` (the ``eval_horizon_len`` steps after
                 the last row of each series) or ``test`` (every test window, with the actual values).
             limit_train_windows: keep this many training windows, evenly spaced in time (quick runs).
@@ -223,6 +251,9 @@ class ForecastingData(SplitDataModule):
                             ("eval_stride", eval_stride), ("batch_size", batch_size)):
             if value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value}")
+        if season_length is not None and not 1 <= season_length < context_len:
+            raise ConfigError(f"season_length must be at least 1 and below context_len={context_len} (MASE compares with "
+                              f"the forecast that repeats the value season_length steps back), got {season_length}")
         if eval_horizon_len is not None and eval_horizon_len < 1:
             raise ConfigError(f"eval_horizon_len must be a positive integer, got {eval_horizon_len}")
         if file is None and data_dir is None:
@@ -233,7 +264,7 @@ class ForecastingData(SplitDataModule):
             target_columns=None if target_columns is None else list(target_columns), context_len=context_len,
             horizon_len=horizon_len, eval_horizon_len=eval_horizon_len or horizon_len, stride=stride,
             eval_stride=eval_stride, split=split, split_ratios=tuple(split_ratios), split_months=tuple(split_months),
-            normalize=normalize, freq=freq, predict_split=predict_split, limit_train_windows=limit_train_windows,
+            normalize=normalize, freq=freq, season_length=season_length, predict_split=predict_split, limit_train_windows=limit_train_windows,
             batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
         if split not in ("ratio", "months"):
             raise ConfigError(f"unknown split '{split}'; use 'ratio' or 'months'")
@@ -299,6 +330,7 @@ class ForecastingData(SplitDataModule):
         if h.freq is None and self.alias is None:
             raise ConfigError(f"{path}: cannot infer the frequency of '{h.time_column}'; set data.init_args.freq")
         self.freq_index = timesfm_freq(h.freq if h.freq is not None else self.alias)
+        self.season_length = h.season_length or self._season()
         self.bounds = split_bounds(times_ns, h.split, h.split_ratios, h.split_months)
         b1, b2, b3 = self.bounds
         raw = torch.tensor(table[targets].to_numpy(dtype=np.float64).T.copy())  # (series, time)
@@ -316,6 +348,11 @@ class ForecastingData(SplitDataModule):
         self.times = torch.tensor(np.concatenate([times_ns, times_ns[-1] + step * np.arange(1, pad + 1)]))[None]
         self.series_names, self.n_rows, self.path = [str(c) for c in targets], len(times_ns), path
         self._loaded = True
+
+    def _season(self) -> int:
+        """MASE's lag from the frequency, 1 where there is no alias or a season would not fit in a context."""
+        season = seasonality(self.alias) if self.alias is not None else 1
+        return season if season < self.cfg.context_len else 1
 
     def _period_ns(self, times_ns: np.ndarray) -> int:
         import pandas as pd
@@ -355,7 +392,8 @@ class ForecastingData(SplitDataModule):
         series = np.repeat(np.arange(n_series), len(starts))
         freq = torch.full((n_series,), self.freq_index, dtype=torch.long)
         return SeriesWindows(self.values, self.times, series, np.tile(starts, n_series), h.context_len, horizon, freq,
-                             self.loc.float(), self.scale.float(), rows=torch.arange(n_series))
+                             self.loc.float(), self.scale.float(), rows=torch.arange(n_series),
+                             season=torch.full((n_series,), self.season_length, dtype=torch.long))
 
     def held_out_rows(self, total: int, count: int, seed: int) -> tuple[list[int], list[int]]:
         """Windows are not exchangeable: a random draw would validate on hours whose neighbours trained.

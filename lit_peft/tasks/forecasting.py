@@ -20,7 +20,9 @@ reference's loss; weight 1 and the mean is transformers' own ``TimesFmModelForPr
 pretraining objective (``configs/pretrain_timesfm_small.yaml``).
 
 Metrics per stage: MSE and MAE on the data's normalised scale (``val_mse``, ``test_mae``: what
-papers report on ETT) and in the original units (``test_mse_original``). ``predict`` returns, per
+papers report on ETT) and in the original units (``test_mse_original``); MASE against the seasonal
+naive forecast (``test_mase``), and from the quantile heads CRPS (normalised scale) and the weighted
+quantile loss (``test_crps``, ``test_wql``; ``forecast_metrics``). ``predict`` returns, per
 window, the point forecast and quantiles in the original units with their timestamps and the
 actual values where known; ``lit-peft predict`` writes them to ``forecasts.csv`` (one row per series,
 window and step) and, with ``--predictions.plots true``, a PNG per series.
@@ -43,9 +45,10 @@ from lit_peft.methods.freeze import find_blocks
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from lit_peft.tasks.base import PeftTask
+from lit_peft.tasks.forecast_metrics import MASE, QuantileScores
 
 ARCHITECTURES = {"timesfm": "TimesFmModelForPrediction", "patchtst": "PatchTSTForPrediction"}
-STAGE_METRICS = ("mse", "mae", "mse_original", "mae_original")
+STAGE_METRICS = ("mse", "mae", "mse_original", "mae_original", "mase", "crps", "wql")
 
 
 def pinball(forecast: torch.Tensor, target: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
@@ -116,6 +119,8 @@ class Forecasting(PeftTask):
             "mse": torchmetrics.MeanSquaredError(), "mae": torchmetrics.MeanAbsoluteError()})
         self.val_metrics, self.test_metrics = make(), make()
         self.val_original, self.test_original = make(), make()
+        self.val_mase, self.test_mase = MASE(), MASE()
+        self.val_quantile, self.test_quantile = QuantileScores(), QuantileScores()
 
     # ---- the backbone ------------------------------------------------------------------------
     @property
@@ -243,12 +248,13 @@ class Forecasting(PeftTask):
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self._loss_and_forecast(batch)[0]
 
-    def _loss_and_forecast(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _loss_and_forecast(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(loss, mean forecast, quantile forecasts); the forecasts are None under the all-patch loss."""
         target = batch["future_values"]
         if self.loss_on == "all_patches":
-            return self._all_patch_loss(batch["past_values"], target, batch["freq"]), None
+            return self._all_patch_loss(batch["past_values"], target, batch["freq"]), None, None
         mean, quantiles = self.forecast(batch["past_values"], batch["freq"], target.shape[1])
-        return self.point_and_quantile_loss(mean.float(), quantiles, target), mean
+        return self.point_and_quantile_loss(mean.float(), quantiles, target), mean, quantiles
 
     def point_and_quantile_loss(self, mean: torch.Tensor, quantiles: Optional[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         loss = F.mse_loss(mean, target)
@@ -281,26 +287,41 @@ class Forecasting(PeftTask):
         return self.point_and_quantile_loss(mean, quant, targets[mask][None])
 
     def step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        loss, mean = self._loss_and_forecast(batch)
+        loss, mean, quantiles = self._loss_and_forecast(batch)
         rows = batch["past_values"].shape[0]
         self.log_mean(f"{stage}_loss", loss, rows, on_step=stage == "train", prog_bar=True)
         if stage != "train" and mean is not None:
-            target = batch["future_values"]
-            getattr(self, f"{stage}_metrics").update(mean.float(), target)
-            scale, loc = batch["scale"][:, None], batch["loc"][:, None]
-            getattr(self, f"{stage}_original").update(mean.float() * scale + loc, target * scale + loc)
+            self.update_scores(stage, batch, mean.float(), quantiles)
         return loss
+
+    def update_scores(self, stage: str, batch: dict[str, torch.Tensor], mean: torch.Tensor,
+                      quantiles: Optional[torch.Tensor]) -> None:
+        """MSE and MAE (normalised and original units), MASE, and CRPS / WQL where there are quantiles."""
+        target = batch["future_values"]
+        getattr(self, f"{stage}_metrics").update(mean, target)
+        scale, loc = batch["scale"][:, None], batch["loc"][:, None]
+        getattr(self, f"{stage}_original").update(mean * scale + loc, target * scale + loc)
+        season = batch.get("season", torch.ones_like(batch["series"]))
+        getattr(self, f"{stage}_mase").update(mean, target, batch["past_values"], season)
+        if quantiles is not None:
+            levels = torch.tensor(self.model.config.quantiles)
+            quantiles = quantiles.float()
+            getattr(self, f"{stage}_quantile").update(quantiles, target, levels, quantiles * scale[..., None] + loc[..., None],
+                                                      target * scale + loc)
 
     def _log_epoch_metrics(self, stage: str) -> None:
         self.log_accumulated(getattr(self, f"{stage}_metrics"), lambda v: {f"{stage}_{k}": x for k, x in v.items()})
         self.log_accumulated(getattr(self, f"{stage}_original"),
                              lambda v: {f"{stage}_{k}_original": x for k, x in v.items()}, prog_bar=False)
+        self.log_accumulated(getattr(self, f"{stage}_mase"), lambda v: {f"{stage}_mase": v}, prog_bar=False)
+        self.log_accumulated(getattr(self, f"{stage}_quantile"), lambda v: {f"{stage}_{k}": x for k, x in v.items()},
+                             prog_bar=False)
 
     def _reset_metrics(self, stage: str) -> None:
         """Fresh metric states in the stage's own grad mode: torchmetrics' MAE adds in place, and a state
         made under a ``validate`` call's inference mode cannot be updated in a fit's validation."""
-        getattr(self, f"{stage}_metrics").reset()
-        getattr(self, f"{stage}_original").reset()
+        for kind in ("metrics", "original", "mase", "quantile"):
+            getattr(self, f"{stage}_{kind}").reset()
 
     def on_validation_epoch_start(self) -> None:
         self._reset_metrics("val")
