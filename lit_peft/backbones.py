@@ -11,7 +11,9 @@ transformers model, or a packaged alias that installs from PyPI and loads offlin
 
 - ``timesfm-small``: a small TimesFM-architecture forecaster that lit-peft pretrains itself on
   real series that install offline (``configs/pretrain_timesfm_small.yaml``; no TimesFM weights
-  install from PyPI), saved to the same cache.
+  install from PyPI). It ships with the package (``lit_peft/weights/timesfm-small``: weights, config,
+  how it was made, a checksum checked before use); a copy the user pretrains again, saved to the
+  cache, is used instead where there is one.
 
 A path to a ``.gguf`` file works as a backbone too (converted and cached the same way).
 """
@@ -100,17 +102,46 @@ def _smollm2_path() -> str:
 
 #: backbones lit-peft pretrains itself, by the config that makes them (saved to the cache by ``SaveBackbone``)
 PRETRAINED_HERE = {"timesfm-small": "configs/pretrain_timesfm_small.yaml"}
+#: where the package keeps the copies it ships of them, each folder with a ``SHA256SUMS`` of its files
+SHIPPED = Path(__file__).resolve().parent / "weights"
+_verified: set[Path] = set()
+
+
+def verify_checksums(folder: Path) -> None:
+    """Check every file ``SHA256SUMS`` lists (``<hex digest>  <name>`` lines) once per process."""
+    import hashlib
+
+    if folder in _verified:
+        return
+    sums = folder / "SHA256SUMS"
+    if not sums.is_file():
+        raise ConfigError(f"{folder} has no SHA256SUMS: the shipped weights are incomplete; reinstall lit-peft")
+    for line in sums.read_text().splitlines():
+        if not line.strip():
+            continue
+        digest, name = line.split(maxsplit=1)
+        path = folder / name.strip()
+        found = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+        if found != digest:
+            raise ConfigError(f"{path} does not match its checksum in {sums} ({found[:12]} for {digest[:12]}): the "
+                              "shipped weights are damaged or changed; reinstall lit-peft")
+    _verified.add(folder)
 
 
 def _pretrained_here(alias: str) -> Callable[[], str]:
     def path() -> str:
-        folder = cache_dir() / alias
-        if not (folder / "config.json").exists():
-            raise ConfigError(
-                f"backbone '{alias}' is pretrained by lit-peft itself and is not in {folder} yet: run "
-                f"`lit-peft fit --config {PRETRAINED_HERE[alias]}` once (about 35 minutes on 2 CPU cores)"
-            )
-        return str(folder)
+        own = cache_dir() / alias  # a copy the user pretrained again (SaveBackbone writes here)
+        if (own / "config.json").exists():
+            return str(own)
+        shipped = SHIPPED / alias
+        if (shipped / "config.json").exists():
+            verify_checksums(shipped)
+            return str(shipped)
+        raise ConfigError(
+            f"backbone '{alias}' is pretrained by lit-peft itself and is neither shipped in {shipped} nor in {own}: "
+            f"reinstall lit-peft, or run `lit-peft fit --config {PRETRAINED_HERE[alias]}` once (about 35 minutes on "
+            "2 CPU cores)"
+        )
 
     return path
 

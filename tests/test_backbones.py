@@ -43,3 +43,39 @@ def test_minilm_loads_offline_with_pretrained_weights() -> None:
     with torch.no_grad():
         hidden = model.bert(**enc).last_hidden_state
     assert torch.isfinite(hidden).all() and hidden.shape[-1] == 384
+
+
+def ship(folder, shipped_root) -> None:
+    """A copy of ``folder`` as the package would ship it: the files and their SHA256SUMS."""
+    import hashlib
+    import shutil
+
+    target = shipped_root / "timesfm-small"
+    shutil.copytree(folder, target)
+    names = sorted(p.name for p in target.iterdir())
+    (target / "SHA256SUMS").write_text("".join(f"{hashlib.sha256((target / n).read_bytes()).hexdigest()}  {n}\n" for n in names))
+
+
+def test_a_shipped_backbone_is_used_checked_and_yields_to_the_users_own(tiny_timesfm, tmp_path, monkeypatch) -> None:
+    from pathlib import Path
+
+    monkeypatch.setattr(backbones, "SHIPPED", tmp_path / "weights")
+    monkeypatch.setattr(backbones, "_verified", set())
+    monkeypatch.setenv("LIT_PEFT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match="neither shipped in .* nor in .*: reinstall lit-peft, or run `lit-peft fit "
+                                          r"--config configs/pretrain_timesfm_small.yaml` once"):
+        backbones.resolve("timesfm-small")
+    ship(tiny_timesfm, tmp_path / "weights")
+    assert backbones.resolve("timesfm-small") == str(tmp_path / "weights" / "timesfm-small")
+    # the user's own re-pretrained copy in the cache comes first
+    own = tmp_path / "cache" / "timesfm-small"
+    own.mkdir(parents=True)
+    (own / "config.json").write_text((Path(tiny_timesfm) / "config.json").read_text())
+    assert backbones.resolve("timesfm-small") == str(own)
+    # a changed shipped file is refused before any weight is read
+    (own / "config.json").unlink()
+    monkeypatch.setattr(backbones, "_verified", set())
+    weights = tmp_path / "weights" / "timesfm-small" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(ConfigError, match="model.safetensors does not match its checksum .* reinstall lit-peft"):
+        backbones.resolve("timesfm-small")

@@ -130,6 +130,7 @@ def test_backbones_and_settings_that_do_not_fit_are_refused_clearly(tiny_bert, t
     with pytest.raises(ConfigError, match="from_config needs model_type"):
         Forecasting(backbone=None, from_config={"hidden_size": 8})
     monkeypatch.setenv("LIT_PEFT_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr("lit_peft.backbones.SHIPPED", tmp_path / "not-shipped")
     with pytest.raises(ConfigError, match=r"run `lit-peft fit --config configs/pretrain_timesfm_small.yaml` once"):
         loaded("timesfm-small")
 
