@@ -310,7 +310,7 @@ def test_hold_out_of_time_series_takes_the_latest_windows_and_drops_their_overla
 
     module = Windows()
     starts = np.arange(10, 60, 2)  # 25 windows, horizon 6
-    module.datasets = {"train": SeriesWindows(torch.zeros(1, 80), torch.zeros(1, 80), np.zeros(25, dtype=np.int64),
+    module.datasets = {"train": SeriesWindows(torch.zeros(1, 80), torch.arange(80)[None] * 3600, np.zeros(25, dtype=np.int64),
                                               starts, 8, 6, torch.zeros(1, dtype=torch.long), torch.zeros(1), torch.ones(1))}
     from lit_peft.data.forecasting import ForecastingData
 

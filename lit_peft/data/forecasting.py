@@ -204,6 +204,7 @@ class ForecastingData(SplitDataModule):
         dataset: Literal["ETTh1", "ETTh2", "ETTm1", "ETTm2"] = "ETTh1",
         file: Optional[str] = None,
         time_column: str = "date",
+        id_column: Optional[str] = None,
         target_columns: Optional[list[str]] = ("OT",),
         context_len: int = 128,
         horizon_len: int = 128,
@@ -229,6 +230,9 @@ class ForecastingData(SplitDataModule):
             dataset: which ETT file of ``data_dir``.
             file: your own ``.csv`` or ``.parquet`` (instead of an ETT file).
             time_column: the column of timestamps (ETT's is ``date``).
+            id_column: a long-format file's series id: each id's rows (sorted by time) are its own series
+                of every target column, of any length and start; a series too short for a window in
+                each split is left out and counted.
             target_columns: the columns to forecast, each as a univariate series; ``null``: every
                 numeric column except the time column.
             context_len: values the model sees before each forecast.
@@ -260,7 +264,7 @@ class ForecastingData(SplitDataModule):
             raise ConfigError("give data.init_args.data_dir (a folder of ETT CSVs, e.g. ../shared/data/ett) or "
                               "data.init_args.file (your own .csv or .parquet)")
         self.cfg = SimpleNamespace(
-            data_dir=data_dir, dataset=dataset, file=file, time_column=time_column,
+            data_dir=data_dir, dataset=dataset, file=file, time_column=time_column, id_column=id_column,
             target_columns=None if target_columns is None else list(target_columns), context_len=context_len,
             horizon_len=horizon_len, eval_horizon_len=eval_horizon_len or horizon_len, stride=stride,
             eval_stride=eval_stride, split=split, split_ratios=tuple(split_ratios), split_months=tuple(split_months),
@@ -278,22 +282,64 @@ class ForecastingData(SplitDataModule):
 
     # ---- reading and checking ----------------------------------------------------------------
     def load(self) -> None:
-        """Read and check the file; compute the split bounds, the standardisation and the frequency."""
+        """Read and check the file; cut it into series; compute each series' split bounds and
+        standardisation, and the frequency. Series of a long-format file too short for a window in
+        every split are left out and counted (``skipped``); none left is an error."""
         if self._loaded:
             return
-        import pandas as pd
-
         h, path = self.cfg, self.source
         if h.file is None and not path.is_file():
             raise ConfigError(f"ETT file '{path}' does not exist: data_dir must hold {h.dataset}.csv "
                               "(../shared/data/ett holds ETTh1.csv and ETTh2.csv)")
         table = read_table(path)
+        targets = self._targets(table, path)
+        groups = self._groups(table, path)
+        raw = [(name, times, table.loc[rows, targets].to_numpy(dtype=np.float64)) for name, rows, times in groups]
+        longest = max(raw, key=lambda r: len(r[1]))[1]
+        self.alias = infer_freq(longest) if h.freq is None or isinstance(h.freq, int) else str(h.freq)
+        if h.freq is None and self.alias is None:
+            raise ConfigError(f"{path}: cannot infer the frequency of '{h.time_column}'; set data.init_args.freq")
+        self.freq_index = timesfm_freq(h.freq if h.freq is not None else self.alias)
+        self.season_length = h.season_length or self._season()
+        series, skipped = [], []
+        for group, times_ns, values in raw:
+            bounds = split_bounds(times_ns, h.split, h.split_ratios, h.split_months)
+            short = self._too_short(bounds)
+            if short is not None:
+                if h.id_column is None:
+                    raise ConfigError(f"{path}: {short}; use shorter windows or another split")
+                skipped.append(f"{group} ({len(times_ns)} rows)")
+                continue
+            for j, column in enumerate(targets):
+                name = str(column) if h.id_column is None else str(group) if len(targets) == 1 else f"{group}/{column}"
+                series.append((name, times_ns, values[:, j], bounds))
+        if not series:
+            raise ConfigError(f"{path}: no series is long enough for one window in each split (context_len="
+                              f"{h.context_len}, horizon {h.horizon_len} / {h.eval_horizon_len}, split {h.split}); the "
+                              f"longest has {len(longest)} rows. Use shorter windows or another split")
+        self.skipped = skipped
+        if skipped:
+            from lightning.fabric.utilities.rank_zero import rank_zero_warn
+
+            rank_zero_warn(f"{path}: left out {len(skipped)} of {len(raw)} series too short for one window in each split: "
+                           + ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""))
+        self._build(series)
+        self.path = path
+        self._loaded = True
+
+    def _targets(self, table: "Any", path: Path) -> list[str]:
+        """The target columns, checked: present, numeric, no missing value."""
+        import pandas as pd
+
+        h = self.cfg
         columns = list(table.columns)
-        if h.time_column not in columns:
-            raise ConfigError(f"{path} has no time column '{h.time_column}'; its columns are: {', '.join(map(str, columns))}. "
-                              "Set data.init_args.time_column")
+        for role, column in (("time column", h.time_column), ("id column", h.id_column)):
+            if column is not None and column not in columns:
+                raise ConfigError(f"{path} has no {role} '{column}'; its columns are: {', '.join(map(str, columns))}. "
+                                  f"Set data.init_args.{role.replace(' ', '_')}")
+        keys = {h.time_column, h.id_column}
         if h.target_columns is None:
-            targets = [c for c in columns if c != h.time_column and pd.api.types.is_numeric_dtype(table[c])]
+            targets = [c for c in columns if c not in keys and pd.api.types.is_numeric_dtype(table[c])]
         else:
             targets = h.target_columns
             unknown = [c for c in targets if c not in columns]
@@ -311,6 +357,14 @@ class ForecastingData(SplitDataModule):
                 line = int(np.argmax(missing)) + 2  # the header is line 1
                 raise ConfigError(f"{path}: column '{column}' has {int(missing.sum())} missing values (first at line "
                                   f"{line}); fill or drop them before forecasting")
+        return list(targets)
+
+    def _groups(self, table: "Any", path: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """(id, row labels, times in ns) per series group: the whole table, or each id of ``id_column``
+        in the order of first appearance; times parsed and strictly increasing within a group."""
+        import pandas as pd
+
+        h = self.cfg
         try:
             times = pd.to_datetime(table[h.time_column])
         except (ValueError, TypeError) as err:
@@ -321,33 +375,66 @@ class ForecastingData(SplitDataModule):
         if getattr(times.dt, "tz", None) is not None:
             times = times.dt.tz_convert("UTC").dt.tz_localize(None)
         times_ns = times.to_numpy(dtype="datetime64[ns]").astype(np.int64)
-        steps = np.diff(times_ns)
-        if (steps <= 0).any():
-            i = int(np.argmax(steps <= 0)) + 1
-            raise ConfigError(f"{path}: time column '{h.time_column}' is not strictly increasing at line {i + 2} "
-                              f"({times.iloc[i]} after {times.iloc[i - 1]}); sort the rows by time and drop duplicates")
-        self.alias = infer_freq(times) if h.freq is None or isinstance(h.freq, int) else str(h.freq)
-        if h.freq is None and self.alias is None:
-            raise ConfigError(f"{path}: cannot infer the frequency of '{h.time_column}'; set data.init_args.freq")
-        self.freq_index = timesfm_freq(h.freq if h.freq is not None else self.alias)
-        self.season_length = h.season_length or self._season()
-        self.bounds = split_bounds(times_ns, h.split, h.split_ratios, h.split_months)
-        b1, b2, b3 = self.bounds
-        raw = torch.tensor(table[targets].to_numpy(dtype=np.float64).T.copy())  # (series, time)
-        train = raw[:, :b1]
-        if h.normalize:
-            self.loc = train.mean(dim=1)
-            self.scale = train.std(dim=1, unbiased=False).clamp_min(1e-8)
+        if h.id_column is None:
+            labelled = [("", np.arange(len(table)))]
         else:
-            self.loc, self.scale = torch.zeros(len(targets), dtype=torch.float64), torch.ones(len(targets), dtype=torch.float64)
-        values = ((raw - self.loc[:, None]) / self.scale[:, None]).float()
-        # the future beyond the last row: unknown values (NaN) at timestamps one period apart
-        pad = h.eval_horizon_len
-        self.values = torch.cat([values, torch.full((len(targets), pad), float("nan"))], dim=1)
-        step = self._period_ns(times_ns)
-        self.times = torch.tensor(np.concatenate([times_ns, times_ns[-1] + step * np.arange(1, pad + 1)]))[None]
-        self.series_names, self.n_rows, self.path = [str(c) for c in targets], len(times_ns), path
-        self._loaded = True
+            ids = table[h.id_column]
+            if ids.isna().any():
+                line = int(np.argmax(ids.isna().to_numpy())) + 2
+                raise ConfigError(f"{path}: id column '{h.id_column}' has a missing id at line {line}")
+            labelled = [(str(key), np.asarray(rows)) for key, rows in ids.groupby(ids, sort=False).indices.items()]
+        groups = []
+        for name, rows in labelled:
+            steps = np.diff(times_ns[rows])
+            if (steps <= 0).any():
+                i = int(np.argmax(steps <= 0)) + 1
+                which = f" for id '{name}'" if h.id_column is not None else ""
+                raise ConfigError(f"{path}: time column '{h.time_column}' is not strictly increasing{which} at line "
+                                  f"{rows[i] + 2} ({times.iloc[rows[i]]} after {times.iloc[rows[i - 1]]}); sort the rows "
+                                  "by time and drop duplicates")
+            groups.append((name, rows, times_ns[rows]))
+        return groups
+
+    def _too_short(self, bounds: tuple[int, int, int]) -> Optional[str]:
+        """Why a series with these split bounds has no window in some split; None where each has one."""
+        h = self.cfg
+        b1, b2, b3 = bounds
+        for name, (lo, hi), horizon, stride in (("training", (0, b1), h.horizon_len, h.stride),
+                                                ("validation", (b1, b2), h.eval_horizon_len, h.eval_stride),
+                                                ("test", (b2, b3), h.eval_horizon_len, h.eval_stride)):
+            if len(window_starts(lo, hi, h.context_len, horizon, stride)) == 0:
+                return (f"the {name} split (rows {lo}-{hi - 1}, {hi - lo} rows) is too short for one window of "
+                        f"context_len={h.context_len} and horizon {horizon}")
+        return None
+
+    def _build(self, series: list[tuple[str, np.ndarray, np.ndarray, tuple[int, int, int]]]) -> None:
+        """One (series, time) tensor of standardised values, NaN past each series' end (the unknown
+        future ``predict`` forecasts, and the padding of shorter series), and its timestamps, one
+        period apart past the end; the split bounds and length of each series."""
+        h = self.cfg
+        n_series, pad = len(series), h.eval_horizon_len
+        lengths = [len(times) for _, times, _, _ in series]
+        width = max(lengths) + pad
+        values = torch.full((n_series, width), float("nan"))
+        shared = h.id_column is None  # one time axis for every column of a wide table
+        times = torch.zeros((1 if shared else n_series, width), dtype=torch.long)
+        self.loc = torch.zeros(n_series, dtype=torch.float64)
+        self.scale = torch.ones(n_series, dtype=torch.float64)
+        step = self._period_ns(series[0][1])
+        for i, (_, times_ns, raw, (b1, _, _)) in enumerate(series):
+            if h.normalize:
+                train = torch.tensor(raw[:b1])
+                self.loc[i], self.scale[i] = train.mean(), train.std(unbiased=False).clamp_min(1e-8)
+            values[i, :len(raw)] = ((torch.tensor(raw) - self.loc[i]) / self.scale[i]).float()
+            if not shared or i == 0:
+                extra = times_ns[-1] + step * np.arange(1, width - len(times_ns) + 1)
+                times[i] = torch.tensor(np.concatenate([times_ns, extra]))
+        self.values, self.times = values, times
+        self.series_names = [name for name, _, _, _ in series]
+        self.series_bounds = torch.tensor([bounds for _, _, _, bounds in series], dtype=torch.long)
+        self.series_rows = torch.tensor(lengths, dtype=torch.long)
+        self.bounds = series[0][3]  # every series' bounds where the table is wide (one time axis)
+        self.n_rows = lengths[0] if shared else None
 
     def _season(self) -> int:
         """MASE's lag from the frequency, 1 where there is no alias or a season would not fit in a context."""
@@ -368,42 +455,40 @@ class ForecastingData(SplitDataModule):
 
     # ---- windows ------------------------------------------------------------------------------
     def windows(self, split: str) -> SeriesWindows:
-        """The windows of ``split`` (train, val, test, predict) over every target series."""
+        """The windows of ``split`` (train, val, test, predict) over every series."""
         self.load()
         h = self.cfg
-        b1, b2, b3 = self.bounds
         n_series = len(self.series_names)
         horizon = h.horizon_len if split == "train" else h.eval_horizon_len
-        if split == "predict" and h.predict_split == "future":
-            starts = np.array([self.n_rows])
-            if self.n_rows < h.context_len:
-                raise ConfigError(f"{self.path} has {self.n_rows} rows, fewer than context_len={h.context_len}")
-        else:
-            lo, hi = {"train": (0, b1), "val": (b1, b2), "test": (b2, b3), "predict": (b2, b3)}[split]
-            starts = window_starts(lo, hi, h.context_len, horizon, h.stride if split == "train" else h.eval_stride)
-            if len(starts) == 0:
-                name = {"train": "training", "val": "validation", "test": "test", "predict": "test"}[split]
-                raise ConfigError(
-                    f"{self.path}: the {name} split (rows {lo}-{hi - 1}, {hi - lo} rows) is too short for one window of "
-                    f"context_len={h.context_len} and horizon {horizon}; use shorter windows or another split")
-            if split == "train" and h.limit_train_windows and h.limit_train_windows < len(starts):
-                keep = np.linspace(0, len(starts) - 1, h.limit_train_windows).round().astype(np.int64)
-                starts = starts[np.unique(keep)]
-        series = np.repeat(np.arange(n_series), len(starts))
+        owners, starts = [], []
+        for i in range(n_series):
+            if split == "predict" and h.predict_split == "future":
+                found = np.array([int(self.series_rows[i])])
+            else:
+                b1, b2, b3 = self.series_bounds[i].tolist()
+                lo, hi = {"train": (0, b1), "val": (b1, b2), "test": (b2, b3), "predict": (b2, b3)}[split]
+                found = window_starts(lo, hi, h.context_len, horizon, h.stride if split == "train" else h.eval_stride)
+                if split == "train" and h.limit_train_windows and h.limit_train_windows < len(found):
+                    keep = np.linspace(0, len(found) - 1, h.limit_train_windows).round().astype(np.int64)
+                    found = found[np.unique(keep)]
+            owners.append(np.full(len(found), i))
+            starts.append(found)
         freq = torch.full((n_series,), self.freq_index, dtype=torch.long)
-        return SeriesWindows(self.values, self.times, series, np.tile(starts, n_series), h.context_len, horizon, freq,
-                             self.loc.float(), self.scale.float(), rows=torch.arange(n_series),
+        return SeriesWindows(self.values, self.times, np.concatenate(owners), np.concatenate(starts), h.context_len, horizon,
+                             freq, self.loc.float(), self.scale.float(), rows=torch.arange(n_series),
                              season=torch.full((n_series,), self.season_length, dtype=torch.long))
 
     def held_out_rows(self, total: int, count: int, seed: int) -> tuple[list[int], list[int]]:
         """Windows are not exchangeable: a random draw would validate on hours whose neighbours trained.
-        The held-out windows are the latest (by first target row, every series alike), and the training
-        windows whose targets reach into their period are dropped, as the validation split's would be."""
-        starts = self.datasets["train"].starts
-        cut = torch.sort(starts, descending=True).values[count - 1]  # the latest ``count`` windows start here or later
-        held = [i for i in range(total) if starts[i] >= cut]
-        horizon = self.datasets["train"].horizon_len
-        dropped = [i for i in range(total) if starts[i] < cut and starts[i] + horizon > cut]
+        The held-out windows are the latest by the time of their first target (series alike), and the
+        training windows whose targets reach that time are dropped, as the validation split's would be."""
+        train = self.datasets["train"]
+        row = train.rows[train.series] if train.times.shape[0] > 1 else torch.zeros_like(train.series)
+        first = train.times[row, train.starts]
+        last = train.times[row, train.starts + train.horizon_len - 1]
+        cut = torch.sort(first, descending=True).values[count - 1]  # the latest ``count`` windows start here or later
+        held = [i for i in range(total) if first[i] >= cut]
+        dropped = [i for i in range(total) if first[i] < cut and last[i] >= cut]
         return held, dropped
 
     def setup(self, stage: str) -> None:
