@@ -83,6 +83,34 @@ def seasonality(alias: str) -> int:
     return 1
 
 
+#: calendar features of a timestamp, each scaled to [-0.5, 0.5] (GluonTS' time features)
+CALENDAR = {
+    "minute_of_hour": lambda t: t.minute / 59.0 - 0.5,
+    "hour_of_day": lambda t: t.hour / 23.0 - 0.5,
+    "day_of_week": lambda t: t.dayofweek / 6.0 - 0.5,
+    "day_of_month": lambda t: (t.day - 1) / 30.0 - 0.5,
+    "day_of_year": lambda t: (t.dayofyear - 1) / 365.0 - 0.5,
+    "week_of_year": lambda t: (t.isocalendar().week.to_numpy(dtype=np.float64) - 1) / 52.0 - 0.5,
+    "month_of_year": lambda t: (t.month - 1) / 11.0 - 0.5,
+}
+
+
+def calendar_features(times_ns: np.ndarray, names: Sequence[str]) -> torch.Tensor:
+    """(time, features) of the named ``CALENDAR`` features of int64-nanosecond timestamps."""
+    import pandas as pd
+
+    stamps = pd.DatetimeIndex(pd.to_datetime(times_ns))
+    return torch.tensor(np.stack([np.asarray(CALENDAR[n](stamps), dtype=np.float64) for n in names], axis=1)
+                        if names else np.zeros((len(times_ns), 0))).float()
+
+
+def standardised(columns: np.ndarray, train_rows: int) -> torch.Tensor:
+    """Each column less its mean over the first ``train_rows`` rows, over their standard deviation."""
+    values = torch.tensor(columns)
+    train = values[:train_rows]
+    return ((values - train.mean(dim=0)) / train.std(dim=0, unbiased=False).clamp_min(1e-8)).float()
+
+
 def infer_freq(times: "Any") -> Optional[str]:
     """The pandas alias of a time index (the most common step where ``pd.infer_freq`` gives up)."""
     import pandas as pd
@@ -134,17 +162,21 @@ class SeriesWindows(Dataset):
 
     def __init__(self, values: torch.Tensor, times: torch.Tensor, series: np.ndarray, starts: np.ndarray,
                  context_len: int, horizon_len: int, freq: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
-                 rows: Optional[torch.Tensor] = None, season: Optional[torch.Tensor] = None) -> None:
+                 rows: Optional[torch.Tensor] = None, season: Optional[torch.Tensor] = None,
+                 past_covariates: Optional[torch.Tensor] = None, future_covariates: Optional[torch.Tensor] = None) -> None:
         """``rows`` maps a series to its row of ``values`` and ``times`` (default: series i is row i;
         series of unequal lengths can share one concatenated row, ``starts`` then being positions in it).
         ``season`` is each series' season length (MASE's seasonal naive lag), given to every window as
-        ``season`` where set."""
+        ``season`` where set. ``past_covariates`` and ``future_covariates`` (rows of ``values``, time,
+        covariates) give each window ``past_covariates`` over its context alone and
+        ``future_covariates`` over its context and horizon."""
         self.values, self.times = values, times
         self.series = torch.as_tensor(series, dtype=torch.long)
         self.rows = rows if rows is not None else torch.arange(values.shape[0])
         self.starts = torch.as_tensor(starts, dtype=torch.long)
         self.context_len, self.horizon_len = context_len, horizon_len
         self.freq, self.loc, self.scale, self.season = freq, loc, scale, season
+        self.past_covariates, self.future_covariates = past_covariates, future_covariates
         self._past = torch.arange(-context_len, 0)
         self._future = torch.arange(horizon_len)
 
@@ -165,6 +197,10 @@ class SeriesWindows(Dataset):
                  "series": series, "start": starts, "past_time": self.times[trow, past], "future_time": self.times[trow, future]}
         if self.season is not None:
             batch["season"] = self.season[series]
+        if self.past_covariates is not None:
+            batch["past_covariates"] = self.past_covariates[row, past]  # never a value at or after the forecast start
+        if self.future_covariates is not None:
+            batch["future_covariates"] = self.future_covariates[row, torch.cat([past, future], dim=1)]
         return batch
 
 
@@ -205,6 +241,9 @@ class ForecastingData(SplitDataModule):
         file: Optional[str] = None,
         time_column: str = "date",
         id_column: Optional[str] = None,
+        past_covariates: Optional[list[str]] = None,
+        future_covariates: Optional[list[str]] = None,
+        calendar: Optional[list[str]] = None,
         target_columns: Optional[list[str]] = ("OT",),
         context_len: int = 128,
         horizon_len: int = 128,
@@ -233,8 +272,15 @@ class ForecastingData(SplitDataModule):
             id_column: a long-format file's series id: each id's rows (sorted by time) are its own series
                 of every target column, of any length and start; a series too short for a window in
                 each split is left out and counted.
+            past_covariates: columns known up to the forecast start only (ETT's six load columns for OT,
+                the "MS" setting): each window sees their context, never their future.
+            future_covariates: columns known ahead (a promotion plan, a forecast temperature): each
+                window sees them over its context and its horizon.
+            calendar: calendar features derived from the time column, known ahead by definition:
+                any of ``minute_of_hour, hour_of_day, day_of_week, day_of_month, day_of_year,
+                week_of_year, month_of_year`` (each scaled to [-0.5, 0.5]).
             target_columns: the columns to forecast, each as a univariate series; ``null``: every
-                numeric column except the time column.
+                numeric column except the time, id and covariate columns.
             context_len: values the model sees before each forecast.
             horizon_len: values each training window forecasts.
             eval_horizon_len: values each validation/test/predict window forecasts (default: horizon_len).
@@ -265,6 +311,9 @@ class ForecastingData(SplitDataModule):
                               "data.init_args.file (your own .csv or .parquet)")
         self.cfg = SimpleNamespace(
             data_dir=data_dir, dataset=dataset, file=file, time_column=time_column, id_column=id_column,
+            past_covariates=None if past_covariates is None else list(past_covariates),
+            future_covariates=None if future_covariates is None else list(future_covariates),
+            calendar=None if calendar is None else list(calendar),
             target_columns=None if target_columns is None else list(target_columns), context_len=context_len,
             horizon_len=horizon_len, eval_horizon_len=eval_horizon_len or horizon_len, stride=stride,
             eval_stride=eval_stride, split=split, split_ratios=tuple(split_ratios), split_months=tuple(split_months),
@@ -272,6 +321,14 @@ class ForecastingData(SplitDataModule):
             batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
         if split not in ("ratio", "months"):
             raise ConfigError(f"unknown split '{split}'; use 'ratio' or 'months'")
+        unknown = [c for c in calendar or [] if c not in CALENDAR]
+        if unknown:
+            raise ConfigError(f"unknown calendar feature '{unknown[0]}'; choose from {', '.join(CALENDAR)}")
+        if future_covariates and predict_split == "future":
+            self._future_refusal = ("predict_split: future needs the future_covariates' values after the last row, "
+                                    "which the file does not hold; use predict_split: test, or calendar features")
+        else:
+            self._future_refusal = None
         self.datasets: dict[str, Dataset] = {}
         self._loaded = False
 
@@ -293,8 +350,11 @@ class ForecastingData(SplitDataModule):
                               "(../shared/data/ett holds ETTh1.csv and ETTh2.csv)")
         table = read_table(path)
         targets = self._targets(table, path)
+        past_columns, future_columns = self._covariate_columns(table, path, targets)
         groups = self._groups(table, path)
-        raw = [(name, times, table.loc[rows, targets].to_numpy(dtype=np.float64)) for name, rows, times in groups]
+        columns = lambda rows, names: table.iloc[rows][names].to_numpy(dtype=np.float64).reshape(len(rows), len(names))  # noqa: E731
+        raw = [(name, times, columns(rows, targets), columns(rows, past_columns), columns(rows, future_columns))
+               for name, rows, times in groups]
         longest = max(raw, key=lambda r: len(r[1]))[1]
         self.alias = infer_freq(longest) if h.freq is None or isinstance(h.freq, int) else str(h.freq)
         if h.freq is None and self.alias is None:
@@ -302,7 +362,7 @@ class ForecastingData(SplitDataModule):
         self.freq_index = timesfm_freq(h.freq if h.freq is not None else self.alias)
         self.season_length = h.season_length or self._season()
         series, skipped = [], []
-        for group, times_ns, values in raw:
+        for group, times_ns, values, past, future in raw:
             bounds = split_bounds(times_ns, h.split, h.split_ratios, h.split_months)
             short = self._too_short(bounds)
             if short is not None:
@@ -312,7 +372,7 @@ class ForecastingData(SplitDataModule):
                 continue
             for j, column in enumerate(targets):
                 name = str(column) if h.id_column is None else str(group) if len(targets) == 1 else f"{group}/{column}"
-                series.append((name, times_ns, values[:, j], bounds))
+                series.append((name, times_ns, values[:, j], bounds, past, future))
         if not series:
             raise ConfigError(f"{path}: no series is long enough for one window in each split (context_len="
                               f"{h.context_len}, horizon {h.horizon_len} / {h.eval_horizon_len}, split {h.split}); the "
@@ -327,6 +387,19 @@ class ForecastingData(SplitDataModule):
         self.path = path
         self._loaded = True
 
+    def _covariate_columns(self, table: "Any", path: Path, targets: list[str]) -> tuple[list[str], list[str]]:
+        """The past-only and known-future covariate columns, checked as targets are."""
+        h = self.cfg
+        past, future = list(h.past_covariates or []), list(h.future_covariates or [])
+        for role, names in (("past_covariates", past), ("future_covariates", future)):
+            both = [c for c in names if c in targets]
+            if both:
+                raise ConfigError(f"column '{both[0]}' is both a target and one of {role}; a series cannot be its own covariate")
+            self._check_numeric(table, path, names)
+        if set(past) & set(future):
+            raise ConfigError(f"column '{sorted(set(past) & set(future))[0]}' is in both past_covariates and future_covariates")
+        return past, future
+
     def _targets(self, table: "Any", path: Path) -> list[str]:
         """The target columns, checked: present, numeric, no missing value."""
         import pandas as pd
@@ -337,7 +410,7 @@ class ForecastingData(SplitDataModule):
             if column is not None and column not in columns:
                 raise ConfigError(f"{path} has no {role} '{column}'; its columns are: {', '.join(map(str, columns))}. "
                                   f"Set data.init_args.{role.replace(' ', '_')}")
-        keys = {h.time_column, h.id_column}
+        keys = {h.time_column, h.id_column, *(h.past_covariates or []), *(h.future_covariates or [])}
         if h.target_columns is None:
             targets = [c for c in columns if c not in keys and pd.api.types.is_numeric_dtype(table[c])]
         else:
@@ -347,7 +420,18 @@ class ForecastingData(SplitDataModule):
                 raise ConfigError(f"{path} has no column '{unknown[0]}'; its columns are: {', '.join(map(str, columns))}")
         if not targets:
             raise ConfigError(f"{path} has no numeric column to forecast besides '{h.time_column}'")
-        for column in targets:
+        self._check_numeric(table, path, targets)
+        return list(targets)
+
+    @staticmethod
+    def _check_numeric(table: "Any", path: Path, names: list[str]) -> None:
+        """Every named column exists, is numeric and has no missing value."""
+        import pandas as pd
+
+        columns = list(table.columns)
+        for column in names:
+            if column not in columns:
+                raise ConfigError(f"{path} has no column '{column}'; its columns are: {', '.join(map(str, columns))}")
             if not pd.api.types.is_numeric_dtype(table[column]):
                 bad = pd.to_numeric(table[column], errors="coerce").isna() & table[column].notna()
                 line = int(np.argmax(bad.to_numpy())) + 2
@@ -357,7 +441,6 @@ class ForecastingData(SplitDataModule):
                 line = int(np.argmax(missing)) + 2  # the header is line 1
                 raise ConfigError(f"{path}: column '{column}' has {int(missing.sum())} missing values (first at line "
                                   f"{line}); fill or drop them before forecasting")
-        return list(targets)
 
     def _groups(self, table: "Any", path: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """(id, row labels, times in ns) per series group: the whole table, or each id of ``id_column``
@@ -407,13 +490,15 @@ class ForecastingData(SplitDataModule):
                         f"context_len={h.context_len} and horizon {horizon}")
         return None
 
-    def _build(self, series: list[tuple[str, np.ndarray, np.ndarray, tuple[int, int, int]]]) -> None:
+    def _build(self, series: list[tuple[str, np.ndarray, np.ndarray, tuple[int, int, int], np.ndarray, np.ndarray]]) -> None:
         """One (series, time) tensor of standardised values, NaN past each series' end (the unknown
         future ``predict`` forecasts, and the padding of shorter series), and its timestamps, one
-        period apart past the end; the split bounds and length of each series."""
+        period apart past the end; the split bounds and length of each series; the covariates, each
+        column standardised on the series' training rows, and the calendar features of every
+        timestamp (the future's included)."""
         h = self.cfg
         n_series, pad = len(series), h.eval_horizon_len
-        lengths = [len(times) for _, times, _, _ in series]
+        lengths = [len(s[1]) for s in series]
         width = max(lengths) + pad
         values = torch.full((n_series, width), float("nan"))
         shared = h.id_column is None  # one time axis for every column of a wide table
@@ -421,17 +506,26 @@ class ForecastingData(SplitDataModule):
         self.loc = torch.zeros(n_series, dtype=torch.float64)
         self.scale = torch.ones(n_series, dtype=torch.float64)
         step = self._period_ns(series[0][1])
-        for i, (_, times_ns, raw, (b1, _, _)) in enumerate(series):
+        n_past, n_future = series[0][4].shape[1], series[0][5].shape[1]
+        past_cov = torch.full((n_series, width, n_past), float("nan"))
+        future_cov = torch.full((n_series, width, n_future + len(h.calendar or [])), float("nan"))
+        for i, (_, times_ns, raw, (b1, _, _), past, future) in enumerate(series):
             if h.normalize:
                 train = torch.tensor(raw[:b1])
                 self.loc[i], self.scale[i] = train.mean(), train.std(unbiased=False).clamp_min(1e-8)
             values[i, :len(raw)] = ((torch.tensor(raw) - self.loc[i]) / self.scale[i]).float()
+            extra = times_ns[-1] + step * np.arange(1, width - len(times_ns) + 1)
+            stamps = np.concatenate([times_ns, extra])
             if not shared or i == 0:
-                extra = times_ns[-1] + step * np.arange(1, width - len(times_ns) + 1)
-                times[i] = torch.tensor(np.concatenate([times_ns, extra]))
+                times[i] = torch.tensor(stamps)
+            past_cov[i, :len(raw)] = standardised(past, b1)
+            future_cov[i, :len(raw), :n_future] = standardised(future, b1)
+            future_cov[i, :, n_future:] = calendar_features(stamps, h.calendar or [])
         self.values, self.times = values, times
-        self.series_names = [name for name, _, _, _ in series]
-        self.series_bounds = torch.tensor([bounds for _, _, _, bounds in series], dtype=torch.long)
+        self.past_covariates = past_cov if n_past else None
+        self.future_covariates = future_cov if future_cov.shape[2] else None
+        self.series_names = [s[0] for s in series]
+        self.series_bounds = torch.tensor([s[3] for s in series], dtype=torch.long)
         self.series_rows = torch.tensor(lengths, dtype=torch.long)
         self.bounds = series[0][3]  # every series' bounds where the table is wide (one time axis)
         self.n_rows = lengths[0] if shared else None
@@ -473,10 +567,21 @@ class ForecastingData(SplitDataModule):
                     found = found[np.unique(keep)]
             owners.append(np.full(len(found), i))
             starts.append(found)
+        if split == "predict" and h.predict_split == "future" and self._future_refusal:
+            raise ConfigError(self._future_refusal)
         freq = torch.full((n_series,), self.freq_index, dtype=torch.long)
         return SeriesWindows(self.values, self.times, np.concatenate(owners), np.concatenate(starts), h.context_len, horizon,
                              freq, self.loc.float(), self.scale.float(), rows=torch.arange(n_series),
-                             season=torch.full((n_series,), self.season_length, dtype=torch.long))
+                             season=torch.full((n_series,), self.season_length, dtype=torch.long),
+                             past_covariates=self.past_covariates, future_covariates=self.future_covariates)
+
+    def covariate_dims(self) -> dict[str, int]:
+        """How many covariates a window carries: past-only, known-future (columns and calendar), and
+        the number of series (a static categorical id, ``series`` in every window)."""
+        self.load()
+        return {"past": 0 if self.past_covariates is None else self.past_covariates.shape[2],
+                "future": 0 if self.future_covariates is None else self.future_covariates.shape[2],
+                "series": len(self.series_names)}
 
     def held_out_rows(self, total: int, count: int, seed: int) -> tuple[list[int], list[int]]:
         """Windows are not exchangeable: a random draw would validate on hours whose neighbours trained.
