@@ -244,6 +244,7 @@ class ForecastingData(SplitDataModule):
         past_covariates: Optional[list[str]] = None,
         future_covariates: Optional[list[str]] = None,
         calendar: Optional[list[str]] = None,
+        static_id: bool = False,
         target_columns: Optional[list[str]] = ("OT",),
         context_len: int = 128,
         horizon_len: int = 128,
@@ -279,6 +280,7 @@ class ForecastingData(SplitDataModule):
             calendar: calendar features derived from the time column, known ahead by definition:
                 any of ``minute_of_hour, hour_of_day, day_of_week, day_of_month, day_of_year,
                 week_of_year, month_of_year`` (each scaled to [-0.5, 0.5]).
+            static_id: give the model each window's series as a static categorical covariate.
             target_columns: the columns to forecast, each as a univariate series; ``null``: every
                 numeric column except the time, id and covariate columns.
             context_len: values the model sees before each forecast.
@@ -313,7 +315,7 @@ class ForecastingData(SplitDataModule):
             data_dir=data_dir, dataset=dataset, file=file, time_column=time_column, id_column=id_column,
             past_covariates=None if past_covariates is None else list(past_covariates),
             future_covariates=None if future_covariates is None else list(future_covariates),
-            calendar=None if calendar is None else list(calendar),
+            calendar=None if calendar is None else list(calendar), static_id=static_id,
             target_columns=None if target_columns is None else list(target_columns), context_len=context_len,
             horizon_len=horizon_len, eval_horizon_len=eval_horizon_len or horizon_len, stride=stride,
             eval_stride=eval_stride, split=split, split_ratios=tuple(split_ratios), split_months=tuple(split_months),
@@ -576,12 +578,15 @@ class ForecastingData(SplitDataModule):
                              past_covariates=self.past_covariates, future_covariates=self.future_covariates)
 
     def covariate_dims(self) -> dict[str, int]:
-        """How many covariates a window carries: past-only, known-future (columns and calendar), and
-        the number of series (a static categorical id, ``series`` in every window)."""
+        """How many covariates a window carries: past-only, known-future (columns and calendar), the
+        number of series where each window's is a static categorical id (``static_id``; else 0), and
+        the known-future steps every window holds past its context (``lookahead``)."""
         self.load()
+        h = self.cfg
         return {"past": 0 if self.past_covariates is None else self.past_covariates.shape[2],
                 "future": 0 if self.future_covariates is None else self.future_covariates.shape[2],
-                "series": len(self.series_names)}
+                "series": len(self.series_names) if h.static_id else 0,
+                "lookahead": min(h.horizon_len, h.eval_horizon_len)}
 
     def held_out_rows(self, total: int, count: int, seed: int) -> tuple[list[int], list[int]]:
         """Windows are not exchangeable: a random draw would validate on hours whose neighbours trained.

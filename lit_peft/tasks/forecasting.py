@@ -45,6 +45,7 @@ from lit_peft.methods.freeze import find_blocks
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from lit_peft.tasks.base import PeftTask
+from lit_peft.tasks.covariates import ENCODER, CovariateEncoder, xreg
 from lit_peft.tasks.forecast_metrics import MASE, QuantileScores
 
 ARCHITECTURES = {"timesfm": "TimesFmModelForPrediction", "patchtst": "PatchTSTForPrediction"}
@@ -85,6 +86,9 @@ class Forecasting(PeftTask):
         quantile_reduction: Literal["sum", "mean"] = "sum",
         loss_on: Literal["last_patch", "all_patches"] = "last_patch",
         from_config: Optional[dict[str, Any]] = None,
+        covariates: Literal["encoder", "xreg", "ignore"] = "encoder",
+        covariate_dims: Optional[dict[str, int]] = None,
+        xreg_ridge: float = 1.0,
     ) -> None:
         """
         Args:
@@ -96,6 +100,12 @@ class Forecasting(PeftTask):
                 (TimesFM pretraining: every patch forecasts the values after it; TimesFM only).
             from_config: build a randomly initialised model from these transformers config arguments
                 (``model_type: timesfm`` and its sizes) instead of loading ``backbone``: pretraining.
+            covariates: how a TimesFM reads the data's covariates (``lit_peft.tasks.covariates``):
+                ``encoder`` (trained with the method), ``xreg`` (in-context ridge regression on the
+                known-future ones), ``ignore``. Data without covariates makes this moot.
+            covariate_dims: what the data carries (``ForecastingData.covariate_dims()``); null: read
+                from the run's data module when the model is built, and recorded in the checkpoint.
+            xreg_ridge: the ridge penalty of ``xreg`` on the (standardised) covariates.
         """
         super().__init__(backbone=backbone if backbone is not None else "random-init", dtype=dtype,
                          learning_rate=learning_rate, weight_decay=weight_decay, lr_schedule=lr_schedule,
@@ -113,7 +123,11 @@ class Forecasting(PeftTask):
             raise ConfigError(f"from_config needs model_type: one of {sorted(ARCHITECTURES)}, got {from_config.get('model_type')!r}")
         if backbone is None and from_config is None:
             raise ConfigError("give model.init_args.backbone (a hub id, folder or timesfm-small) or from_config")
+        if covariates not in ("encoder", "xreg", "ignore"):
+            raise ConfigError(f"covariates must be 'encoder', 'xreg' or 'ignore', got '{covariates}'")
         self.quantile_loss_weight, self.quantile_reduction, self.loss_on = quantile_loss_weight, quantile_reduction, loss_on
+        self.covariates, self.covariate_dims, self.xreg_ridge = covariates, covariate_dims, xreg_ridge
+        self._covariate_inputs: Optional[tuple] = None
         self.from_config = dict(from_config) if from_config is not None else None
         make = lambda: torchmetrics.MetricCollection({  # noqa: E731
             "mse": torchmetrics.MeanSquaredError(), "mae": torchmetrics.MeanAbsoluteError()})
@@ -136,7 +150,7 @@ class Forecasting(PeftTask):
             config = transformers.AutoConfig.for_model(**self.from_config)
             dtype = self.loading_dtype()
             model = getattr(transformers, ARCHITECTURES[config.model_type])(config)
-            return model if dtype == "auto" else model.to(backbones.torch_dtype(dtype))
+            return self.attach_covariates(model if dtype == "auto" else model.to(backbones.torch_dtype(dtype)), None)
         source = backbones.resolve(self.backbone_name)
         try:
             config = transformers.AutoConfig.from_pretrained(source, **{k: v for k, v in self.hub_kwargs().items()
@@ -151,8 +165,66 @@ class Forecasting(PeftTask):
             raise ConfigError("a PatchTST backbone must forecast points (loss: mse) of one channel at a time "
                               f"(num_input_channels: 1); this one has loss={config.loss!r}, "
                               f"num_input_channels={config.num_input_channels}")
-        return backbones.load_model(self.backbone_name, getattr(transformers, ARCHITECTURES[config.model_type]),
-                                    dtype=self.loading_dtype(), **self.hub_kwargs(), **kwargs)
+        model = backbones.load_model(self.backbone_name, getattr(transformers, ARCHITECTURES[config.model_type]),
+                                     dtype=self.loading_dtype(), **self.hub_kwargs(), **kwargs)
+        return self.attach_covariates(model, source)
+
+    # ---- covariates ----------------------------------------------------------------------------
+    def attach_covariates(self, model: nn.Module, source: Optional[str]) -> nn.Module:
+        """Give the model a ``CovariateEncoder`` (a head) where the data has covariates and the task reads
+        them with one; a merged folder's trained encoder weights are loaded back."""
+        if self.covariates != "encoder":
+            return model
+        dims = self.covariate_dims
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dims is None and hasattr(datamodule, "covariate_dims"):
+            dims = datamodule.covariate_dims()
+        if not dims or not (dims.get("past") or dims.get("future") or dims.get("series")):
+            return model
+        if model.config.model_type != "timesfm":
+            raise ConfigError(f"covariates are read by TimesFM backbones; this one is {model.config.model_type}: drop the "
+                              "data's covariates or set model.init_args.covariates: ignore")
+        if self.loss_on == "all_patches":
+            raise ConfigError("covariates are for fine-tuning (loss_on: last_patch); pretraining reads series alone")
+        self.covariate_dims = self.hparams["covariate_dims"] = dict(dims)  # the checkpoint rebuilds the same encoder
+        encoder = CovariateEncoder(dims, model.config.patch_length, model.config.hidden_size)
+        model.add_module(ENCODER, encoder.to(next(model.parameters()).dtype))
+        if source is not None:
+            self._load_encoder(model, source)
+        import weakref
+
+        task = weakref.ref(self)  # a hook holding the task itself would be deep-copied with the layer
+
+        def add_covariates(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+            owner = task()
+            inputs = owner._covariate_inputs if owner is not None else None
+            if inputs is None:
+                return output
+            return output + getattr(owner.model, ENCODER)(*inputs).to(output.dtype)
+
+        model.decoder.input_ff_layer.register_forward_hook(add_covariates)
+        return model
+
+    @staticmethod
+    def _load_encoder(model: nn.Module, source: str) -> None:
+        weights = Path(source) / "model.safetensors"
+        if not weights.is_file():
+            return
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            state = {k[len(ENCODER) + 1:]: f.get_tensor(k) for k in f.keys() if k.startswith(ENCODER + ".")}
+        if state:
+            getattr(model, ENCODER).load_state_dict(state)
+
+    def head_modules(self) -> list[str]:
+        """The covariate encoder where there is one (it is new: it trains under every method); nothing else
+        is newly initialised: the output block is pretrained and trains only where a method says."""
+        return [ENCODER] if hasattr(self.model, ENCODER) else []
+
+    def covariate_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch's covariates, as ``forecast`` takes them."""
+        return {k: batch[k] for k in ("past_covariates", "future_covariates", "series") if k in batch}
 
     @property
     def model(self) -> nn.Module:
@@ -162,9 +234,6 @@ class Forecasting(PeftTask):
     @property
     def architecture(self) -> str:
         return self.model.config.model_type
-
-    def head_modules(self) -> list[str]:
-        return []  # nothing is newly initialised: the output block is pretrained and trains only where a method says
 
     def probe_modules(self) -> list[str]:
         """Everything outside the transformer stack (TimesFM's input and output residual blocks and
@@ -186,16 +255,47 @@ class Forecasting(PeftTask):
         return found
 
     # ---- forecasting -------------------------------------------------------------------------
-    def forecast(self, past_values: torch.Tensor, freq: torch.Tensor, horizon: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(mean (B, horizon), quantiles (B, horizon, Q) or None) from contexts (B, T)."""
+    def forecast(self, past_values: torch.Tensor, freq: torch.Tensor, horizon: int,
+                 covariates: Optional[dict[str, torch.Tensor]] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(mean (B, horizon), quantiles (B, horizon, Q) or None) from contexts (B, T) and the windows'
+        covariates (``covariate_inputs``), read as ``covariates`` says."""
         # under autocast the series stay float32 (autocast casts for the matmuls; the scaling TimesFM does
         # first keeps full precision); without it they take the weights' dtype
         autocast = torch.is_autocast_enabled(past_values.device.type)
         past_values = past_values.to(torch.float32 if autocast else self.weights_dtype)
         if self.architecture == "patchtst":
             return self._patchtst(past_values, horizon), None
-        out = self._timesfm_steps(past_values, freq, horizon)
+        covariates = covariates or {}
+        if self.covariates == "xreg" and "future_covariates" in covariates:
+            known = covariates["future_covariates"][:, :past_values.shape[1] + horizon].to(past_values.dtype)
+            residual, ahead = xreg(past_values, known, self.xreg_ridge)
+            out = self._timesfm_steps(residual, freq, horizon) + ahead[..., None].to(past_values.dtype)
+            return out[..., 0].contiguous(), out[..., 1:]
+        self._covariate_inputs = self._encoder_inputs(past_values, horizon, covariates)
+        try:
+            out = self._timesfm_steps(past_values, freq, horizon)
+        finally:
+            self._covariate_inputs = None
         return out[..., 0].contiguous(), out[..., 1:]
+
+    def _encoder_inputs(self, past_values: torch.Tensor, horizon: int, covariates: dict[str, torch.Tensor]) -> Optional[tuple]:
+        """What the covariate encoder's hook reads during the decoder pass; None without an encoder."""
+        if not hasattr(self.model, ENCODER):
+            return None
+        dims = self.covariate_dims
+        given = {"past": covariates.get("past_covariates"), "future": covariates.get("future_covariates")}
+        for kind, tensor in given.items():
+            found = 0 if tensor is None else tensor.shape[-1]
+            if found != dims[kind]:
+                raise ConfigError(f"this model reads {dims[kind]} {kind} covariates and the data gives {found}: give the data "
+                                  "the covariates it was fine-tuned with")
+        if dims["future"] and horizon > self.model.config.horizon_length:
+            raise ConfigError(f"with known-future covariates the horizon is at most the model's {self.model.config.horizon_length} "
+                              f"steps (one decoder pass), got {horizon}")
+        if dims["future"] and given["future"].shape[1] < past_values.shape[1] + dims["lookahead"]:
+            raise ConfigError(f"the covariate encoder reads {dims['lookahead']} steps ahead and these windows have "
+                              f"{given['future'].shape[1] - past_values.shape[1]}: keep horizon_len and eval_horizon_len")
+        return (past_values.shape[1], given["past"], given["future"], covariates.get("series") if dims["series"] else None)
 
     def _patchtst(self, past_values: torch.Tensor, horizon: int) -> torch.Tensor:
         config = self.model.config
@@ -242,7 +342,7 @@ class Forecasting(PeftTask):
 
     def activation_forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """One forward pass over a batch of windows (EVA reads the layers' inputs during it)."""
-        return self.forecast(batch["past_values"], batch["freq"], batch["future_values"].shape[1])[0]
+        return self.forecast(batch["past_values"], batch["freq"], batch["future_values"].shape[1], self.covariate_inputs(batch))[0]
 
     # ---- loss and metrics ----------------------------------------------------------------------
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -253,7 +353,7 @@ class Forecasting(PeftTask):
         target = batch["future_values"]
         if self.loss_on == "all_patches":
             return self._all_patch_loss(batch["past_values"], target, batch["freq"]), None, None
-        mean, quantiles = self.forecast(batch["past_values"], batch["freq"], target.shape[1])
+        mean, quantiles = self.forecast(batch["past_values"], batch["freq"], target.shape[1], self.covariate_inputs(batch))
         return self.point_and_quantile_loss(mean.float(), quantiles, target), mean, quantiles
 
     def point_and_quantile_loss(self, mean: torch.Tensor, quantiles: Optional[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
@@ -343,7 +443,7 @@ class Forecasting(PeftTask):
         import pandas as pd
 
         horizon = batch["future_values"].shape[1]
-        mean, quantiles = self.forecast(batch["past_values"], batch["freq"], horizon)
+        mean, quantiles = self.forecast(batch["past_values"], batch["freq"], horizon, self.covariate_inputs(batch))
         scale, loc = batch["scale"][:, None], batch["loc"][:, None]
         restore = lambda x: (x.float() * scale + loc).tolist()  # noqa: E731
         names = getattr(getattr(self.trainer, "datamodule", None), "series_names", None) if self._trainer else None

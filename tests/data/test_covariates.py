@@ -36,7 +36,7 @@ def test_covariate_windows_are_the_hand_computed_ones(tmp_path) -> None:
     table.to_csv(tmp_path / "ett.csv", index=False)
     d = data(tmp_path / "ett.csv")
     d.setup("fit")
-    assert d.covariate_dims() == {"past": 2, "future": 3, "series": 1}
+    assert d.covariate_dims() == {"past": 2, "future": 3, "series": 0, "lookahead": HORIZON}
     train = table.iloc[:360]  # 60 % of 600 rows
     val = d.datasets["val"]
     item = val[17]
@@ -83,9 +83,9 @@ def test_predict_the_future_with_calendar_features_and_a_long_file(tmp_path) -> 
     table["shop"] = "a"
     second = ett_like(200).assign(shop="b")
     pd.concat([table, second]).to_csv(tmp_path / "long.csv", index=False)
-    d = data(tmp_path / "long.csv", id_column="shop", future_covariates=None, eval_horizon_len=6)
+    d = data(tmp_path / "long.csv", id_column="shop", future_covariates=None, eval_horizon_len=6, static_id=True)
     d.setup("predict")
-    assert d.covariate_dims() == {"past": 2, "future": 2, "series": 2}
+    assert d.covariate_dims() == {"past": 2, "future": 2, "series": 2, "lookahead": 6}
     item = d.datasets["predict"][1]  # shop b: the 6 hours after its last row
     hours = pd.date_range(second["date"].iloc[-1], periods=7, freq="h")[1:].hour
     np.testing.assert_allclose(item["future_covariates"][-6:, 0].numpy(), hours / 23 - 0.5, atol=1e-6)
@@ -105,4 +105,4 @@ def test_bad_covariate_settings_get_one_clear_message(tmp_path) -> None:
         data(path, past_covariates=["price"]).setup("fit")
     with pytest.raises(ConfigError, match="predict_split: future needs the future_covariates' values after the last row"):
         data(path).setup("predict")
-    assert data(path, target_columns=None).covariate_dims()["series"] == 1  # covariates are not targets
+    assert len(data(path, target_columns=None, past_covariates=["HUFL", "LUFL", "price"], future_covariates=None).windows("val").series.unique()) == 1  # covariates are not targets
