@@ -189,6 +189,20 @@ def tiny_timesfm(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_timesfm2_5(tmp_path_factory) -> str:
+    """Folder with a randomly initialised 2-layer TimesFM 2.5 (hidden 32, patches of 16, 32-step horizon)."""
+    from transformers import TimesFm2_5Config, TimesFm2_5ModelForPrediction
+
+    folder = tmp_path_factory.mktemp("tiny-timesfm2_5")
+    torch.manual_seed(0)
+    config = TimesFm2_5Config(patch_length=16, context_length=TS_CONTEXT, horizon_length=TS_HORIZON, num_hidden_layers=LAYERS,
+                              hidden_size=32, intermediate_size=32, head_dim=8, num_attention_heads=4, num_key_value_heads=4,
+                              output_quantile_len=TS_HORIZON)
+    warm_start(TimesFm2_5ModelForPrediction(config), folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
 def tiny_patchtst(tmp_path_factory) -> str:
     """Folder with a randomly initialised 2-layer PatchTST (d_model 16, batch norm, one channel)."""
     from transformers import PatchTSTConfig, PatchTSTForPrediction

@@ -32,6 +32,7 @@ from lit_peft.methods.freeze import freeze, named_submodules, unfreeze
 PLACES = {
     "bert": (r"attention\.output\.dense$", r"layer\.\d+\.output\.dense$"),  # BERT, RoBERTa, MiniLM, ELECTRA
     "llama": (r"self_attn\.o_proj$", r"mlp\.down_proj$"),  # Llama, Mistral, Qwen, SmolLM, TimesFM
+    "timesfm2_5": (r"self_attn\.o_proj$", r"mlp\.fc2$"),
     "distilbert": (r"attention\.out_lin$", r"ffn\.lin2$"),
     "gpt2": (r"attn\.c_proj$", r"mlp\.c_proj$"),
     "patchtst": (r"encoder\.layers\.\d+\.self_attn\.out_proj$", r"encoder\.layers\.\d+\.ff\.3$"),
@@ -98,10 +99,12 @@ class Houlsby(Method):
         if self.targets != "auto":
             found = named_submodules(model, [self.targets] if isinstance(self.targets, str) else list(self.targets))
             return [(n, m) for n, m in modules if any(m is f for f in found)]
-        for patterns in PLACES.values():
-            hits = [(n, m) for n, m in modules if any(re.search(p, n) for p in patterns)]
-            if hits:
-                return hits
+        # the architecture whose every place is found (Llama's o_proj alone must not pass for TimesFM 2.5's)
+        for whole in (True, False):
+            for patterns in PLACES.values():
+                hits = [(n, m) for n, m in modules if any(re.search(p, n) for p in patterns)]
+                if hits and (not whole or all(any(re.search(p, n) for n, _ in hits) for p in patterns)):
+                    return hits
         raise ConfigError(f"no known attention/feed-forward output layers in {type(model).__name__}; "
                           "name the layers to follow with adapters in `targets`")
 

@@ -3,6 +3,9 @@
 Two architectures, both transformers models read from a hub id, a folder, or the packaged alias
 ``timesfm-small`` (pretrained here by ``configs/pretrain_timesfm_small.yaml``):
 
+- TimesFM 2.5 (``TimesFm2_5ModelForPrediction``, ``google/timesfm-2.5-200m-transformers``): its own
+  ``forward`` (global scaling, flip invariance, continuous quantile head) on the batch's contexts;
+  the point forecast is its median; beyond ``horizon_length`` the forecast is appended and decoded again.
 - TimesFM (``TimesFmModelForPrediction``, TimesFM 1.0 / 2.0 checkpoints): a decoder over patches
   of 32 values that normalises each context itself and forecasts ``horizon_length`` (128) values
   per patch, a mean and nine quantiles. The forecast of a window is the last patch's output; a
@@ -48,7 +51,9 @@ from lit_peft.tasks.base import PeftTask
 from lit_peft.tasks.covariates import ENCODER, CovariateEncoder, xreg
 from lit_peft.tasks.forecast_metrics import MASE, QuantileScores
 
-ARCHITECTURES = {"timesfm": "TimesFmModelForPrediction", "patchtst": "PatchTSTForPrediction"}
+ARCHITECTURES = {"timesfm": "TimesFmModelForPrediction", "timesfm2_5": "TimesFm2_5ModelForPrediction",
+                 "patchtst": "PatchTSTForPrediction"}
+TIMESFM = ("timesfm", "timesfm2_5")
 STAGE_METRICS = ("mse", "mae", "mse_original", "mae_original", "mase", "crps", "wql")
 
 
@@ -181,7 +186,7 @@ class Forecasting(PeftTask):
             dims = datamodule.covariate_dims()
         if not dims or not (dims.get("past") or dims.get("future") or dims.get("series")):
             return model
-        if model.config.model_type != "timesfm":
+        if model.config.model_type not in TIMESFM:
             raise ConfigError(f"covariates are read by TimesFM backbones; this one is {model.config.model_type}: drop the "
                               "data's covariates or set model.init_args.covariates: ignore")
         if self.loss_on == "all_patches":
@@ -202,7 +207,7 @@ class Forecasting(PeftTask):
                 return output
             return output + getattr(owner.model, ENCODER)(*inputs).to(output.dtype)
 
-        model.decoder.input_ff_layer.register_forward_hook(add_covariates)
+        (model.decoder if model.config.model_type == "timesfm" else model.model).input_ff_layer.register_forward_hook(add_covariates)
         return model
 
     @staticmethod
@@ -273,7 +278,7 @@ class Forecasting(PeftTask):
             return out[..., 0].contiguous(), out[..., 1:]
         self._covariate_inputs = self._encoder_inputs(past_values, horizon, covariates)
         try:
-            out = self._timesfm_steps(past_values, freq, horizon)
+            out = self._timesfm_steps(past_values, freq, horizon)  # both TimesFM versions
         finally:
             self._covariate_inputs = None
         return out[..., 0].contiguous(), out[..., 1:]
@@ -327,10 +332,28 @@ class Forecasting(PeftTask):
             padding = F.pad(padding, (pad, 0), value=1.0)
         return past_values, padding
 
+    def _timesfm2_5_step(self, past_values: torch.Tensor) -> torch.Tensor:
+        """TimesFM 2.5's forecast of ``horizon_length`` steps, (B, horizon_length, 1 + Q): transformers'
+        own ``forward`` (its global scaling, flip invariance and continuous quantile head), contexts
+        front-padded to whole patches there. No clamping at zero: the data is standardised."""
+        model = self.model
+        patch = model.config.patch_length
+        length = -(-past_values.shape[1] // patch) * patch
+        out = model(past_values=list(past_values), forecast_context_len=length, truncate_negative=False)
+        full = out.full_predictions
+        mean = full[..., min(model.config.decode_index, full.shape[-1] - 1)]  # the median, 2.5's point forecast
+        return torch.cat([mean[..., None], full[..., 1:]], dim=-1)
+
     def _timesfm_steps(self, past_values: torch.Tensor, freq: torch.Tensor, horizon: int) -> torch.Tensor:
         """The forecast of the last patch, (B, horizon, 1 + Q); beyond ``horizon_length`` the mean is
         appended to the context and decoded again."""
         step = self.model.config.horizon_length
+        if self.architecture == "timesfm2_5":
+            parts, values = [], past_values
+            for _ in range(math.ceil(horizon / step)):
+                parts.append(self._timesfm2_5_step(values))
+                values = torch.cat([values, parts[-1][..., 0]], dim=1)
+            return torch.cat(parts, dim=1)[:, :horizon]
         values, padding = self._timesfm_inputs(past_values)
         parts = []
         for _ in range(math.ceil(horizon / step)):
@@ -369,7 +392,8 @@ class Forecasting(PeftTask):
         """Every patch forecasts the ``horizon_length`` values after it (TimesFM's pretraining loss);
         forecast steps past the end of the window are not scored."""
         if self.architecture != "timesfm":
-            raise ConfigError("loss_on: all_patches is TimesFM's causal pretraining loss; PatchTST forecasts from the whole context")
+            raise ConfigError("loss_on: all_patches is TimesFM 1.0/2.0's causal pretraining loss; PatchTST forecasts from the "
+                              "whole context, and TimesFM 2.5 is fine-tuned here, not pretrained")
         config = self.model.config
         patch, step = config.patch_length, config.horizon_length
         if past_values.shape[1] % patch:

@@ -1,4 +1,4 @@
-"""Every method on forecasting: a tiny TimesFM and a tiny PatchTST (batch norm) built from configs,
+"""Every method on forecasting: a tiny TimesFM (1.0/2.0 and 2.5) and a tiny PatchTST (batch norm) built from configs,
 trained on a toy hourly table of two series. For each (architecture, method) row: the trainable
 count (computed here from the layers' shapes), a short fit lowers the validation loss, the
 checkpoint holds only what trained, resuming from a mid-run checkpoint is exact, and ``merge``
@@ -30,6 +30,7 @@ R, B = 4, 4
 #: (Houlsby's places), and IA3's targets (keys, values, the feed-forward output, scaled on its input)
 ARCH = {
     "timesfm": {"blocks": "decoder.layers.", "places": ("self_attn.o_proj", "mlp.down_proj"), "ff": "down_proj"},
+    "timesfm2_5": {"blocks": "model.layers.", "places": ("self_attn.o_proj", "mlp.fc2"), "ff": "fc2"},
     "patchtst": {"blocks": "model.encoder.layers.", "places": ("self_attn.out_proj", "ff.3"), "ff": "ff.3"},
 }
 
@@ -132,8 +133,8 @@ def make_data(toy_series) -> ForecastingData:
 
 
 @pytest.fixture(scope="module")
-def folders(tiny_timesfm, tiny_patchtst) -> dict[str, str]:
-    return {"timesfm": tiny_timesfm, "patchtst": tiny_patchtst}
+def folders(tiny_timesfm, tiny_timesfm2_5, tiny_patchtst) -> dict[str, str]:
+    return {"timesfm": tiny_timesfm, "timesfm2_5": tiny_timesfm2_5, "patchtst": tiny_patchtst}
 
 
 _RUNS: dict = {}
@@ -166,9 +167,10 @@ def forecasts(backbone: nn.Module, folder: str, data: ForecastingData) -> torch.
 
 @pytest.mark.parametrize("arch, case", ROWS, ids=[f"{a}-{c.id}" for a, c in ROWS])
 def test_forecasting_method_contract(arch: str, case: Case, folders, toy_series, tmp_path, tmp_path_factory) -> None:
-    from transformers import PatchTSTForPrediction, TimesFmModelForPrediction
+    from transformers import PatchTSTForPrediction, TimesFm2_5ModelForPrediction, TimesFmModelForPrediction
 
-    auto = {"timesfm": TimesFmModelForPrediction, "patchtst": PatchTSTForPrediction}[arch]
+    auto = {"timesfm": TimesFmModelForPrediction, "timesfm2_5": TimesFm2_5ModelForPrediction,
+            "patchtst": PatchTSTForPrediction}[arch]
     task, data, folder, before, after = trained(arch, case, folders, toy_series, tmp_path_factory)
     assert sum(p.numel() for p in task.parameters() if p.requires_grad) == case.trainable(base_model(folders[arch]), arch)
     assert after < before * 0.99, (before, after)  # a short fit lowers the validation loss

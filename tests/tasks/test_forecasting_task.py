@@ -43,6 +43,25 @@ def test_timesfm_forecast_is_transformers_forward(tiny_timesfm, toy_series, cont
     torch.testing.assert_close(quantiles, reference.full_predictions[..., 1:])
 
 
+@pytest.mark.parametrize("context", [TS_CONTEXT, 50])
+def test_timesfm2_5_forecast_is_transformers_forward(tiny_timesfm2_5, toy_series, context) -> None:
+    task = loaded(tiny_timesfm2_5)
+    batch = batch_of(toy_series, context=context)
+    padded = -(-context // 16) * 16
+    with torch.no_grad():
+        mean, quantiles = task.forecast(batch["past_values"], batch["freq"], TS_HORIZON)
+        reference = task.model(past_values=list(batch["past_values"]), forecast_context_len=padded, truncate_negative=False)
+        torch.testing.assert_close(mean, reference.mean_predictions)
+        torch.testing.assert_close(quantiles, reference.full_predictions[..., 1:])
+        # beyond the model's horizon the forecast is appended and decoded again
+        longer, _ = task.forecast(batch["past_values"], batch["freq"], TS_HORIZON + 8)
+        torch.testing.assert_close(longer[:, :TS_HORIZON], mean)
+        again = task.model(past_values=list(torch.cat([batch["past_values"], mean], dim=1)),
+                           forecast_context_len=-(-(context + TS_HORIZON) // 16) * 16, truncate_negative=False)
+        torch.testing.assert_close(longer[:, TS_HORIZON:], again.mean_predictions[:, :8])
+    assert task.probe_modules() == ["model.input_ff_layer", "output_projection_point", "output_projection_quantiles"]
+
+
 def test_the_default_loss_is_the_reference_weighting_and_the_other_is_transformers(tiny_timesfm, toy_series) -> None:
     batch = batch_of(toy_series)
     task = loaded(tiny_timesfm)
