@@ -9,8 +9,8 @@ memory is per run. The seasonal naive forecast repeats the context's last day (2
 
     python benchmarks/ett.py [--epochs 3] [--backbone timesfm-small] [--settings ot all] [--name ett]
 
-Needs ``timesfm-small`` (``lit-peft fit --config configs/pretrain_timesfm_small.yaml`` once) or
-``--backbone`` another TimesFM (``google/timesfm-2.0-500m-pytorch`` where the hub is reachable).
+Runs on ``timesfm-small`` (shipped in ``lit_peft/weights``; a copy re-pretrained with
+``configs/pretrain_timesfm_small.yaml`` comes first) or ``--backbone`` another TimesFM (``google/timesfm-2.0-500m-pytorch`` where the hub is reachable).
 Writes ``benchmarks/results/<name>.md`` and ``.json`` after each run; the last line printed is
 ``naive_mse=<a> zero_shot_mse=<b> lora_mse=<c> linear_probe_mse=<d> full_mse=<e>`` for ``OT``.
 """

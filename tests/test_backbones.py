@@ -79,3 +79,41 @@ def test_a_shipped_backbone_is_used_checked_and_yields_to_the_users_own(tiny_tim
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(ConfigError, match="model.safetensors does not match its checksum .* reinstall lit-peft"):
         backbones.resolve("timesfm-small")
+
+
+def test_the_shipped_timesfm_small_is_checked_and_a_fresh_clone_fine_tunes_on_it(tmp_path, monkeypatch) -> None:
+    """No pretraining step: with an empty cache, `backbone: timesfm-small` is the package's copy (its
+    checksums hold, it is the 4.5M-parameter model the pretraining config describes) and the ETTh1 LoRA
+    config trains on it."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from conftest import needs_shared
+
+    monkeypatch.setattr(backbones, "_verified", set())
+    monkeypatch.setenv("LIT_PEFT_CACHE", str(tmp_path / "empty-cache"))
+    folder = Path(backbones.resolve("timesfm-small"))
+    assert folder == backbones.SHIPPED / "timesfm-small"
+    assert backbones.SHIPPED.parent == Path(backbones.__file__).resolve().parent  # inside the package
+    listed = {line.split()[1] for line in (folder / "SHA256SUMS").read_text().splitlines() if line.strip()}
+    assert {"config.json", "model.safetensors"} <= listed
+    config = json.loads((folder / "config.json").read_text())
+    recipe = yaml.safe_load(Path("configs/pretrain_timesfm_small.yaml").read_text())["model"]["init_args"]["from_config"]
+    assert {k: config[k] for k in recipe if k != "model_type"} == {k: v for k, v in recipe.items() if k != "model_type"}
+    ett = needs_shared("ett")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "LIT_PEFT_CACHE": str(tmp_path / "empty-cache")}
+    done = subprocess.run([sys.executable, "-m", "lit_peft.cli", "fit", "--config", "configs/lora_etth1.yaml",
+                           "--data.init_args.data_dir", str(ett), "--trainer.max_steps", "3", "--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "3",
+                           "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(next((tmp_path / "runs").rglob("summary.json")).read_text())
+    assert summary["backbone"] == "timesfm-small" and summary["total_params"] == 4_460_672 + 172_032, summary  # the model and LoRA
+    assert summary["val_mse"] > 0 and summary["trainable_params"] == 172_032
+    assert not (tmp_path / "empty-cache" / "timesfm-small").exists()  # nothing was pretrained or copied
