@@ -3,7 +3,9 @@ after linear probing, LoRA, DoRA and full fine-tuning.
 
 Context 128, fine-tuned on 128-step horizons, scored on the first 96 steps of every test window
 (stride 1), split 60 / 20 / 20 by time, on the normalised scale (the training rows' statistics),
-for target ``OT`` alone (univariate) and for all seven channels (each a univariate series). Each
+for target ``OT`` alone (univariate), for all seven channels (each a univariate series), and with
+``--settings ot_cov`` for OT with covariates (the six load columns past-only, hour and weekday ahead;
+``benchmarks/covariates.py`` compares settings over seeds). Each
 fine-tune and each test runs its config from ``configs/`` in its own ``lit-peft`` process, so peak
 memory is per run. The seasonal naive forecast repeats the context's last day (24 values).
 
@@ -26,7 +28,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["linear_probe", "lora", "dora", "full"]
-SETTINGS = {"ot": ["--data.init_args.target_columns", "[OT]"], "all": ["--data.init_args.target_columns", "null"]}
+SETTINGS = {"ot": ["--data.init_args.target_columns", "[OT]"], "all": ["--data.init_args.target_columns", "null"],
+            # OT with the six load columns as past-only covariates (ETT's "MS") and calendar features, by the encoder
+            "ot_cov": ["--data.init_args.target_columns", "[OT]", "--data.init_args.past_covariates",
+                       "[HUFL,HULL,MUFL,MULL,LUFL,LULL]", "--data.init_args.calendar", "[hour_of_day,day_of_week]"]}
 
 
 def seasonal_naive(data_dir: str, target: str, season: int = 24) -> dict:
@@ -37,7 +42,7 @@ def seasonal_naive(data_dir: str, target: str, season: int = 24) -> dict:
     from lit_peft.data import ForecastingData
     from lit_peft.tasks.forecast_metrics import MASE, QuantileScores
 
-    data = ForecastingData(data_dir=data_dir, target_columns=None if target == "all" else ["OT"], context_len=128,
+    data = ForecastingData(data_dir=data_dir, target_columns=None if target == "all" else ["OT"], context_len=128,  # ot_cov: OT
                            horizon_len=128, eval_horizon_len=96, eval_batch_size=512)
     data.setup("test")
     squared = absolute = count = 0.0

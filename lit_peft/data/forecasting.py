@@ -2,7 +2,10 @@
 their CSVs, or your own CSV / parquet file with a time column and the columns to forecast.
 
 Every target column is a univariate series; a window is ``context_len`` values of one series and
-the ``horizon_len`` values that follow (channel-independent, as TimesFM and PatchTST forecast).
+the ``horizon_len`` values that follow (channel-independent, as TimesFM and PatchTST forecast). A
+long-format file (``id_column``) holds several series, each id's rows its own, of any length and
+start. Covariates travel with the windows: past-only columns over the context alone, known-future
+columns and calendar features over context and horizon (``lit_peft.tasks.covariates`` reads them).
 ``target_columns: [OT]`` is ETT's univariate protocol, ``target_columns: null`` takes every
 numeric column (its multivariate protocol).
 
