@@ -178,12 +178,18 @@ class Forecasting(PeftTask):
     def attach_covariates(self, model: nn.Module, source: Optional[str]) -> nn.Module:
         """Give the model a ``CovariateEncoder`` (a head) where the data has covariates and the task reads
         them with one; a merged folder's trained encoder weights are loaded back."""
-        if self.covariates != "encoder":
-            return model
         dims = self.covariate_dims
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if dims is None and hasattr(datamodule, "covariate_dims"):
+        if dims is None and hasattr(datamodule, "covariate_dims") and self.covariates != "ignore":
             dims = datamodule.covariate_dims()
+        if self.covariates == "xreg" and dims and (dims.get("past") or dims.get("series")):
+            from lightning.fabric.utilities.rank_zero import rank_zero_warn
+
+            rank_zero_warn(f"covariates: xreg reads the known-future covariates only; the data's {dims.get('past', 0)} "
+                           f"past-only columns{' and series id' if dims.get('series') else ''} go unused "
+                           "(covariates: encoder reads them)")
+        if self.covariates != "encoder":
+            return model
         if not dims or not (dims.get("past") or dims.get("future") or dims.get("series")):
             return model
         if model.config.model_type not in TIMESFM:

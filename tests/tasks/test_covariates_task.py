@@ -157,6 +157,8 @@ def test_a_fine_tuned_encoder_survives_checkpoint_test_and_merge(tiny_timesfm, p
 def test_settings_that_cannot_work_are_refused(tiny_timesfm, tiny_patchtst, promo_series) -> None:
     with pytest.raises(ConfigError, match="covariates must be 'encoder', 'xreg' or 'ignore'"):
         Forecasting(backbone=tiny_timesfm, covariates="concat")
+    with pytest.warns(UserWarning, match="xreg reads the known-future covariates only; the data's 1 past-only columns go unused"):
+        built(tiny_timesfm, data(promo_series), covariates="xreg")
     with pytest.raises(ConfigError, match="covariates are read by TimesFM backbones; this one is patchtst"):
         built(tiny_patchtst, data(promo_series))
     task = built(tiny_timesfm, data(promo_series))
