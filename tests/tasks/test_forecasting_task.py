@@ -142,7 +142,7 @@ def test_backbones_and_settings_that_do_not_fit_are_refused_clearly(tiny_bert, t
         patchtst.forecast(torch.zeros(2, 48), torch.zeros(2, dtype=torch.long), 8)
     with pytest.raises(ConfigError, match="forecasts 32 values; the data asks for 40"):
         patchtst.forecast(torch.zeros(2, 64), torch.zeros(2, dtype=torch.long), 40)
-    with pytest.raises(ConfigError, match="all_patches is TimesFM's causal pretraining loss"):
+    with pytest.raises(ConfigError, match="all_patches is TimesFM 1.0/2.0's causal pretraining loss; PatchTST"):
         loaded(tiny_patchtst, loss_on="all_patches").loss(batch_of(toy_series))
     with pytest.raises(ConfigError, match="quantile_loss_weight must be 0 or more"):
         Forecasting(backbone=tiny_patchtst, quantile_loss_weight=-1)
