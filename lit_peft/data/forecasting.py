@@ -61,10 +61,16 @@ def timesfm_freq(freq: Union[str, int]) -> int:
     except ValueError as err:
         raise ConfigError(f"unknown frequency '{freq}'; give a pandas alias such as h, 15min, D, W, MS, QS, YS "
                           "or the TimesFM index 0, 1 or 2") from err
-    start = pd.Timestamp("2001-01-01")
-    period = ((start + 10 * offset) - (start + offset)) / 9  # the mean period, whatever the anchor
-    days = period / pd.Timedelta(days=1)
+    days = period_days(offset)
     return 0 if days < 6 else 1 if days < 85 else 2
+
+
+def period_days(offset: "Any") -> float:
+    """The mean period of a pandas offset in days, whatever its anchor (a month averages 30.4)."""
+    import pandas as pd
+
+    start = pd.Timestamp("2001-01-01")
+    return (((start + 10 * offset) - (start + offset)) / 9) / pd.Timedelta(days=1)
 
 
 def seasonality(alias: str) -> int:
@@ -74,8 +80,7 @@ def seasonality(alias: str) -> int:
     import pandas as pd
 
     offset = pd.tseries.frequencies.to_offset(str(alias))
-    start = pd.Timestamp("2001-01-01")
-    days = (((start + 10 * offset) - (start + offset)) / 9) / pd.Timedelta(days=1)
+    days = period_days(offset)
     if offset.name.startswith("B") or offset.name.startswith("C"):
         return 5
     if days < 1:
