@@ -129,7 +129,8 @@ class SummarizationData(PromptResponseData):
         """The document cut to the tokens left once the template and the summary are counted."""
         tok = self.tokenizer
         if self._budget is None:
-            overhead = len(tok(self.format_prompt(INSTRUCTION), add_special_tokens=False)["input_ids"]) + 1
+            probe = self.conversation(Record(prompt=INSTRUCTION, response="x", reference="", source=""))
+            overhead = len(self.chat.encode(probe)[0])  # template, system prompt, end of turn ("x": one summary token)
             self._budget = self.cfg.max_length - self.cfg.max_response_length - overhead
         budget = self._budget
         if budget <= 0:

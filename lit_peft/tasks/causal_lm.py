@@ -27,6 +27,7 @@ import torchmetrics
 from torch import nn
 
 from lit_peft import backbones, sharding
+from lit_peft.data.chat import ChatFormat
 from lit_peft.data.gsm8k import extract_answer
 from lit_peft.errors import ConfigError
 from lit_peft.tasks.rouge import RougeMean
@@ -112,8 +113,17 @@ class CausalLM(PeftTask):
             self.metric_name = getattr(datamodule, "metric", "exact_match")
 
     # ---- training ------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> Any:
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], **kwargs: Any) -> Any:
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    @staticmethod
+    def inputs(batch: dict[str, Any]) -> dict[str, Any]:
+        """The model's inputs: a packed batch gives ``position_ids`` and no attention mask (transformers
+        then keeps each example's attention to itself; a cache would turn that detection off)."""
+        if "position_ids" in batch:
+            return dict(input_ids=batch["input_ids"], attention_mask=None, position_ids=batch["position_ids"],
+                        use_cache=False)
+        return dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Mean cross-entropy of the batch's response tokens (0 where it has none)."""
@@ -132,9 +142,9 @@ class CausalLM(PeftTask):
             targets = torch.full_like(labels, -100)
             targets[:, :-1] = labels[:, 1:]  # position t predicts token t + 1
             keep = targets.ne(-100)
-            logits = self(batch["input_ids"], batch["attention_mask"], logits_to_keep=keep).logits  # (kept, vocab)
+            logits = self(**self.inputs(batch), logits_to_keep=keep).logits  # (kept, vocab)
             return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), keep.sum()
-        logits = self(batch["input_ids"], batch["attention_mask"]).logits
+        logits = self(**self.inputs(batch)).logits
         virtual = logits.shape[1] - labels.shape[1]  # prompt tuning's virtual tokens come first
         # the last virtual token predicts the first real one (a packed block may start inside a response)
         logits, targets = (logits[:, virtual - 1:-1], labels) if virtual > 0 else (logits[:, :-1], labels[:, 1:])
@@ -169,12 +179,23 @@ class CausalLM(PeftTask):
         """Decoded continuations of the batch's left-padded prompts."""
         return self.tokenizer.batch_decode(self.generate_ids(batch, sample), skip_special_tokens=True)
 
+    def stop_ids(self) -> list[int]:
+        """Where a generated turn ends: the model's own stop ids (``generation_config.eos_token_id``, a
+        list for Llama-3-Instruct), the tokenizer's EOS, and the chat template's end of turn."""
+        ids: list[int] = []
+        config = getattr(self.backbone, "generation_config", None)
+        own = getattr(config, "eos_token_id", None)
+        for token in [*(own if isinstance(own, (list, tuple)) else [own]), *ChatFormat(self.tokenizer).stop_ids]:
+            if token is not None and int(token) not in ids:
+                ids.append(int(token))
+        return ids
+
     @torch.no_grad()
     def generate_ids(self, batch: dict[str, Any], sample: bool = False) -> torch.Tensor:
         """The new token ids generated for the batch's left-padded prompts (right-padded)."""
         g = self.generation
         options: dict[str, Any] = dict(max_new_tokens=g["max_new_tokens"], pad_token_id=self.tokenizer.pad_token_id,
-                                       eos_token_id=self.tokenizer.eos_token_id, use_cache=True,
+                                       eos_token_id=self.stop_ids(), use_cache=True,
                                        repetition_penalty=g["repetition_penalty"],  # 1.0 and 0: transformers adds no
                                        no_repeat_ngram_size=g["no_repeat_ngram_size"])  # processor
         if sample and g["do_sample"]:

@@ -8,7 +8,6 @@ import pytest
 
 from lit_peft.data import GSM8KData, SummarizationData
 from lit_peft.data.gsm8k import extract_answer, strip_calculator
-from lit_peft.data.prompts import pack
 from lit_peft.errors import ConfigError
 
 
@@ -35,15 +34,17 @@ def gsm(folder, tokenizer, val_size=4, **kw) -> GSM8KData:
     return data
 
 
-def test_loss_covers_the_response_only_and_ends_with_eos(toy_gsm8k, tiny_llama) -> None:
+def test_loss_covers_the_response_and_the_templates_end_of_turn_only(toy_gsm8k, tiny_llama) -> None:
     data = gsm(toy_gsm8k, tiny_llama)
     tok = data.tokenizer
     example = data.datasets["train"][0]
-    labels = example["labels"]
+    labels, ids = example["labels"], example["input_ids"]
     prompt_len = len(example["prompt_ids"])
-    assert all(t == -100 for t in labels[:prompt_len]) and all(t != -100 for t in labels[prompt_len:])
-    assert labels[-1] == tok.eos_token_id
-    response = tok.decode(labels[prompt_len:-1])
+    assert ids[:prompt_len] == example["prompt_ids"]  # generation is given exactly the prompt training saw
+    # learned: the response and ChatML's <|im_end|>; the newline the template writes after it is not
+    assert all(t == -100 for t in labels[:prompt_len]) and all(t != -100 for t in labels[prompt_len:-1])
+    assert labels[-2] == tok.convert_tokens_to_ids("<|im_end|>") and labels[-1] == -100 and tok.decode(ids[-1:]) == "\n"
+    response = tok.decode(labels[prompt_len:-2])
     assert "<<" not in response and response.strip().endswith(f"#### {data.records['train'][0].reference}")
     assert "<|im_start|>assistant" in tok.decode(example["prompt_ids"])  # SmolLM2's chat template
     assert "test" not in data.records  # fit tokenizes train and val only
@@ -98,15 +99,6 @@ def test_a_prompt_longer_than_the_context_is_named(toy_gsm8k, tiny_llama) -> Non
                   tokenizer=tiny_llama).setup("fit")
     with pytest.raises(ConfigError, match="val_size=200 leaves no training rows"):
         GSM8KData(data_dir=str(toy_gsm8k), tokenizer=tiny_llama).setup("fit")
-
-
-def test_packing_keeps_every_response_token_in_blocks_of_max_length(toy_gsm8k, tiny_llama) -> None:
-    data = gsm(toy_gsm8k, tiny_llama)
-    examples = [data.datasets["train"][i] for i in range(len(data.datasets["train"]))]
-    blocks = pack(examples, 128)
-    assert all(len(b["input_ids"]) <= 128 for b in blocks)
-    assert sum(sum(t != -100 for t in b["labels"]) for b in blocks) == sum(sum(t != -100 for t in e["labels"]) for e in examples)
-    assert len(blocks) < len(examples)
 
 
 def test_gsm_symbolic_problems_generate_offline(tiny_llama) -> None:
