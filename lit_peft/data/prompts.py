@@ -166,11 +166,14 @@ class PromptResponseData(TokenizedDataModule, abc.ABC):
         messages = self.conversation(record)
         answered = messages[-1]["role"] == "assistant"
         context = messages[:-1] if answered else messages
-        prompt_ids = chat.prompt(context, record.tools)
-        if answered:
-            ids, labels, cut = chat.encode(messages, record.tools, max_turn_tokens=h.max_response_length)
-        else:  # predict without a reference: the prompt alone
-            ids, labels, cut = prompt_ids, [-100] * len(prompt_ids), False
+        try:
+            prompt_ids = chat.prompt(context, record.tools)
+            if answered:
+                ids, labels, cut = chat.encode(messages, record.tools, max_turn_tokens=h.max_response_length)
+            else:  # predict without a reference: the prompt alone
+                ids, labels, cut = prompt_ids, [-100] * len(prompt_ids), False
+        except ConfigError as err:
+            raise ConfigError(f"{record.source}: {err}") from None
         if len(ids) > h.max_length and h.overlong == "drop":
             return None
         length = len(ids)

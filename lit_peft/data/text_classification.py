@@ -34,7 +34,7 @@ class Example:
 
 
 def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, row) pairs from a .csv, .tsv, .jsonl or .json file."""
+    """(line number, row) pairs from a .csv, .tsv, .jsonl, .json or .parquet file (parquet: row number)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"data file '{path}' does not exist")
@@ -63,7 +63,23 @@ def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
                 raise ConfigError(f"{path}:{i}: each record must be a JSON object with named fields, "
                                   f"not {type(row).__name__}")
         return rows
-    raise ConfigError(f"data file '{path}' has an unknown format; use .csv, .tsv, .jsonl or .json")
+    if suffix == ".parquet":
+        import pandas as pd
+
+        records = pd.read_parquet(path).to_dict(orient="records")
+        return [(i, {k: _plain(v) for k, v in row.items()}) for i, row in enumerate(records, start=1)]
+    raise ConfigError(f"data file '{path}' has an unknown format; use .csv, .tsv, .jsonl, .json or .parquet")
+
+
+def _plain(value: Any) -> Any:
+    """A parquet cell as JSON would give it: nested arrays as lists (pyarrow gives numpy arrays)."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def to_examples(rows: Sequence[tuple[int, dict[str, Any]]], source: str, text_column: str, label_column: Optional[str],

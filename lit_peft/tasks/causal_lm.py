@@ -10,7 +10,10 @@ Evaluation generates greedily in batches (left-padded prompts, KV cache, ``max_n
 EOS) and scores with the data's metric: exact match of the extracted final answer (GSM8K) or
 ROUGE-1/2/L (summarization, torchmetrics). ``test`` always generates; ``validate`` generates when
 ``generate_in_validation`` (on a CPU, generation dominates the cost). ``predict`` returns the
-generations, sampled when ``do_sample``, which ``lit-peft predict`` writes to JSONL.
+generations, sampled when ``do_sample``, which ``lit-peft predict`` writes to JSONL. The first test
+generations (prompt, generation, reference) go into ``summary.json`` as ``generation_samples``.
+Generation stops on the model's own stop ids, EOS and the chat template's end of turn.
+A packed batch (``pack: true``) carries ``position_ids`` and no attention mask (see ``inputs``).
 
 ``gradient_checkpointing`` recomputes activations in the backward pass; it works with frozen
 embeddings and adapters (the embeddings' output is made to require grad).
@@ -36,6 +39,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lit_peft.tasks.base import PeftTask, eager
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+SAMPLES = 3  # test generations kept in summary.json (rank 0's first)
 
 
 class CausalLM(PeftTask):
@@ -97,6 +101,7 @@ class CausalLM(PeftTask):
         self.generate_in_validation = generate_in_validation
         self.val_exact_match, self.test_exact_match = torchmetrics.MeanMetric(), torchmetrics.MeanMetric()
         self.val_rouge, self.test_rouge = RougeMean(ROUGE_KEYS), RougeMean(ROUGE_KEYS)
+        self.generation_samples: list[dict[str, str]] = []
 
     def load_backbone(self, **kwargs: Any) -> nn.Module:
         from transformers import AutoModelForCausalLM
@@ -165,7 +170,12 @@ class CausalLM(PeftTask):
         # the mean over all response tokens of the split, whatever the eval batch size
         self.log_mean(f"{stage}_loss", loss, int(count), prog_bar=True)
         if stage == "test" or (stage == "val" and self.generate_in_validation):
-            self.score(self.generate(batch), batch["references"], stage)
+            generations = self.generate(batch)
+            self.score(generations, batch["references"], stage)
+            if stage == "test" and len(self.generation_samples) < SAMPLES:  # kept in summary.json, to read
+                self.generation_samples += [{"prompt": p, "generation": g, "reference": r} for p, g, r in
+                                            zip(batch["prompts"], generations, batch["references"])]
+                self.generation_samples = self.generation_samples[:SAMPLES]
         return loss
 
     def discard_step(self, batch: dict[str, Any], stage: str) -> None:
@@ -227,6 +237,9 @@ class CausalLM(PeftTask):
 
     def on_validation_epoch_end(self) -> None:
         self._log_scores("val")
+
+    def on_test_start(self) -> None:
+        self.generation_samples = []
 
     def on_test_epoch_end(self) -> None:
         self._log_scores("test")
