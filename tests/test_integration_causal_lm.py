@@ -80,3 +80,38 @@ def test_smollm2_summarizes_xsum_articles_scored_by_rouge_and_learns_them(smollm
     quiet_trainer(max_steps=3, callbacks=[method], limit_val_batches=0).fit(task, datamodule=data)
     after = quiet_trainer().validate(task, dataloaders=data._loader("train"), verbose=False)[0]["val_loss"]
     assert after < before - 0.1, (before, after)  # three steps on the 4 summaries lower their loss
+
+
+def test_the_chat_config_fits_tests_predicts_merges_and_exports(smollm2, tmp_path) -> None:
+    """configs/lora_chat.yaml end to end from the command line, on fewer rows and steps."""
+    import json
+
+    from test_cli import cli
+
+    if importlib.util.find_spec("chatterbot_corpus") is None:
+        pytest.skip("the conversations come with chatterbot-corpus (pip install --no-deps chatterbot-corpus==1.3.3)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    args = ["--config", "configs/lora_chat.yaml", "--data.init_args.limit_train_rows", "48",
+            "--data.init_args.limit_eval_rows", "4", "--data.init_args.eval_batch_size", "4",
+            "--model.init_args.max_new_tokens", "12", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    cli("fit", *args)
+    run = tmp_path / "lora_chat" / "version_0"
+    fitted = json.loads((run / "summary.json").read_text())
+    assert fitted["data"] == "InstructionData" and fitted["train_samples"] > 0
+    assert 0 < fitted["padding_ratio"] < 1.3  # packed rows: little padding
+    ckpt = str(next((run / "checkpoints").glob("*.ckpt")))
+    cli("test", *args, "--ckpt_path", ckpt)
+    tested = json.loads((tmp_path / "lora_chat" / "version_1" / "summary.json").read_text())
+    assert tested["test_loss"] > 0 and 0 <= tested["test_rouge1"] <= 1
+    samples = tested["generation_samples"]
+    assert len(samples) == 3 and all(s["generation"].strip() and s["reference"] for s in samples)
+    cli("predict", *args, "--ckpt_path", ckpt, "--predictions.path", str(tmp_path / "chat.jsonl"))
+    rows = [json.loads(line) for line in (tmp_path / "chat.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["generation"] for r in rows)
+    cli("merge", "--ckpt_path", ckpt, "--output_dir", str(tmp_path / "merged"))
+    cli("export", "--ckpt_path", ckpt, "--output_dir", str(tmp_path / "adapter"))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    assert merged.config.vocab_size == len(tok) and (tmp_path / "adapter" / "adapter_config.json").is_file()
