@@ -7,6 +7,7 @@ top-level keys of our own, both Callbacks that join ``trainer.callbacks``:
 - ``method``: the fine-tuning method (default: full fine-tuning),
 - ``report``: the efficiency figures and ``summary.json`` (on by default),
 - ``predictions``: where ``predict`` writes (JSONL, or CSV for forecasts; the run folder by default),
+- ``harness``: lm-eval tasks that ``test`` runs on a causal LM after its own test loop (``lit_peft.harness``),
 - ``matmul_precision``: ``torch.set_float32_matmul_precision`` (``high``: TF32 on GPUs; the GPU presets),
 - ``optimizer`` / ``lr_scheduler``: LightningCLI's keys, any class by ``class_path``, handed to the task, which
   builds them over the method's parameter groups.
@@ -35,6 +36,7 @@ from lit_peft import __version__, checkpoints, files, quiet, slurm
 from lit_peft.cli_errors import short_message
 from lit_peft.errors import ConfigError
 from lit_peft.metrics import EfficiencyReport, run_dir
+from lit_peft.harness import Harness
 from lit_peft.predictions import PredictionWriter
 from lit_peft.methods.base import Method
 from lit_peft.model_summary import PeftModelSummary
@@ -88,6 +90,7 @@ class LitPeftCLI(LightningCLI):
         parser.set_defaults({"method": {"class_path": DEFAULT_METHOD}})
         parser.add_lightning_class_args(EfficiencyReport, "report")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_lightning_class_args(Harness, "harness")
         parser.add_argument("--optimizer", type=Optional[OptimizerCallable], default=None,
                             help="any optimizer by class_path, built over the method's parameter groups (the task's "
                                  "`optimizer` argument; configs/optim/ has presets)")
