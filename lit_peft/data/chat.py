@@ -59,7 +59,10 @@ class ChatFormat:
 
     def _end_of_turn(self) -> list[int]:
         """The template's end-of-turn token: the first special token it writes after an assistant's words."""
-        text = self._template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}])
+        try:
+            text = self._template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}])
+        except ConfigError:  # a template with demands of its own: stop on EOS, and let a real record say what fails
+            return []
         tail = text[text.rfind(_PROBE) + len(_PROBE):] if _PROBE in text else ""
         special = set(self.tok.all_special_ids) | {i for i, t in self.tok.added_tokens_decoder.items() if t.special}
         for token in self.tok(tail, add_special_tokens=False)["input_ids"]:

