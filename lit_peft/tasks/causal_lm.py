@@ -121,6 +121,15 @@ class CausalLM(PeftTask):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], **kwargs: Any) -> Any:
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        config = getattr(self.backbone, "active_peft_config", None)
+        data = getattr(self.trainer, "datamodule", None)
+        if config is not None and config.is_prompt_learning and getattr(getattr(data, "cfg", None), "pack", False):
+            raise ConfigError(f"pack: true keeps packed examples apart through position_ids, which peft's "
+                              f"{config.peft_type.value} drops or shifts (the examples would attend to each other); "
+                              "set data.init_args.pack: false with this method")
+
     @staticmethod
     def inputs(batch: dict[str, Any]) -> dict[str, Any]:
         """The model's inputs: a packed batch gives ``position_ids`` and no attention mask (transformers

@@ -211,11 +211,11 @@ def test_eva_initializes_a_from_the_activations_of_training_batches(tiny_llama, 
 
 
 def test_packed_training_with_a_system_prompt_and_scored_validation(tiny_llama, toy_gsm8k) -> None:
-    data = GSM8KData(data_dir=str(toy_gsm8k), val_size=8, max_length=96, max_response_length=48, batch_size=4,
+    data = GSM8KData(data_dir=str(toy_gsm8k), val_size=8, max_length=384, max_response_length=48, batch_size=2,
                      pack=True, system_prompt="You are a careful calculator.", tokenizer=tiny_llama)
     data.setup("fit")
     blocks = data.datasets["train"]
-    assert len(blocks) < len(data.records["train"]) and all(len(blocks[i]["input_ids"]) <= 96 for i in range(len(blocks)))
+    assert len(blocks) < len(data.records["train"]) / 2 and all(len(blocks[i]["input_ids"]) <= 384 for i in range(len(blocks)))
     assert "You are a careful calculator." in data.tokenizer.decode(data.datasets["val"][0]["prompt_ids"])
     task = CausalLM(backbone=tiny_llama, learning_rate=3e-2, warmup_ratio=0.0, max_new_tokens=4,
                     generate_in_validation=True)
@@ -341,3 +341,13 @@ def test_peft_method_takes_prompt_learning_configs_and_refuses_cpt() -> None:
     assert methods.PeftMethod("peft.LoHaConfig").mergeable is True
     with pytest.raises(ConfigError, match="CPTConfig computes its own loss"):
         methods.PeftMethod("peft.CPTConfig")
+
+
+def test_packing_with_a_prompt_learning_method_is_refused(tiny_llama, toy_gsm8k) -> None:
+    """peft's prompt tuning drops position_ids: packed examples would silently attend to each other."""
+    data = GSM8KData(data_dir=str(toy_gsm8k), val_size=8, max_length=256, batch_size=4, pack=True, tokenizer=tiny_llama)
+    task = CausalLM(backbone=tiny_llama)
+    method = methods.PeftMethod("peft.PromptTuningConfig", {"num_virtual_tokens": 3})
+    method.attach(task)
+    with pytest.raises(ConfigError, match="pack: true keeps packed examples apart through position_ids"):
+        quiet_trainer(max_steps=1, callbacks=[method], limit_val_batches=0).fit(task, datamodule=data)
