@@ -302,7 +302,7 @@ def test_hold_out_of_time_series_takes_the_latest_windows_and_drops_their_overla
     import numpy as np
     import torch
 
-    from lit_peft.data.forecasting import SeriesWindows
+    from lit_peft.data.windows import SeriesWindows
     from lit_peft.data.base import SplitDataModule
 
     class Windows(SplitDataModule):

@@ -16,6 +16,9 @@ Splits are by time, and no target point of one split lies in another:
 - ``split: months``: the usual ETT protocol, 12 / 4 / 4 months of 30 days from the first timestamp
   (``split_months``); rows after the last month are not used (ETTh1: 8,640 / 2,880 / 2,880 rows).
 
+Time axes (frequency, season, calendar features, split bounds) are ``time_index``'s; windows
+(``SeriesWindows``) are ``windows``'s.
+
 A validation or test window's context may reach back into the previous split (the first
 forecasts of a split need one); its targets never do. Values are standardised per series with
 the mean and (population) standard deviation of the training rows only. The frequency (TimesFM's
@@ -40,187 +43,11 @@ import torch
 from torch.utils.data import Dataset
 
 from lit_peft.data.base import SplitDataModule
+from lit_peft.data.time_index import CALENDAR, calendar_features, infer_freq, seasonality, split_bounds, timesfm_freq
+from lit_peft.data.windows import SeriesWindows, gathered, standardised, window_starts
 from lit_peft.errors import ConfigError
 
 ETT = ("ETTh1", "ETTh2", "ETTm1", "ETTm2")
-DAY_NS = 86_400 * 10**9
-
-
-def timesfm_freq(freq: Union[str, int]) -> int:
-    """TimesFM's frequency index for a pandas frequency alias: 0 (high) for periods under 6 days
-    (seconds to daily, business days), 1 (medium) up to 85 days (weekly, monthly), 2 (low) beyond
-    (quarterly, yearly); an int in {0, 1, 2} is taken as the index itself."""
-    if isinstance(freq, (int, np.integer)) and not isinstance(freq, bool):
-        if freq not in (0, 1, 2):
-            raise ConfigError(f"a TimesFM frequency index is 0, 1 or 2, got {freq}")
-        return int(freq)
-    import pandas as pd
-
-    try:
-        offset = pd.tseries.frequencies.to_offset(str(freq))
-    except ValueError as err:
-        raise ConfigError(f"unknown frequency '{freq}'; give a pandas alias such as h, 15min, D, W, MS, QS, YS "
-                          "or the TimesFM index 0, 1 or 2") from err
-    days = period_days(offset)
-    return 0 if days < 6 else 1 if days < 85 else 2
-
-
-def period_days(offset: "Any") -> float:
-    """The mean period of a pandas offset in days, whatever its anchor (a month averages 30.4)."""
-    import pandas as pd
-
-    start = pd.Timestamp("2001-01-01")
-    return (((start + 10 * offset) - (start + offset)) / 9) / pd.Timedelta(days=1)
-
-
-def seasonality(alias: str) -> int:
-    """The season length of a pandas frequency alias, MASE's seasonal naive lag: steps per day below a
-    day (24 hourly, 96 at 15 minutes), 7 daily, 5 business-daily, 52 weekly, 12 monthly, 4 quarterly,
-    1 yearly or anything else."""
-    import pandas as pd
-
-    offset = pd.tseries.frequencies.to_offset(str(alias))
-    days = period_days(offset)
-    if offset.name.startswith("B") or offset.name.startswith("C"):
-        return 5
-    if days < 1:
-        return max(1, round(1 / days))
-    for period, season in ((1, 7), (7, 52), (30.4, 12), (91.3, 4)):
-        if abs(days - period) / period < 0.1:
-            return season
-    return 1
-
-
-#: calendar features of a timestamp, each scaled to [-0.5, 0.5] (GluonTS' time features)
-CALENDAR = {
-    "minute_of_hour": lambda t: t.minute / 59.0 - 0.5,
-    "hour_of_day": lambda t: t.hour / 23.0 - 0.5,
-    "day_of_week": lambda t: t.dayofweek / 6.0 - 0.5,
-    "day_of_month": lambda t: (t.day - 1) / 30.0 - 0.5,
-    "day_of_year": lambda t: (t.dayofyear - 1) / 365.0 - 0.5,
-    "week_of_year": lambda t: (t.isocalendar().week.to_numpy(dtype=np.float64) - 1) / 52.0 - 0.5,
-    "month_of_year": lambda t: (t.month - 1) / 11.0 - 0.5,
-}
-
-
-def calendar_features(times_ns: np.ndarray, names: Sequence[str]) -> torch.Tensor:
-    """(time, features) of the named ``CALENDAR`` features of int64-nanosecond timestamps."""
-    import pandas as pd
-
-    stamps = pd.DatetimeIndex(pd.to_datetime(times_ns))
-    return torch.tensor(np.stack([np.asarray(CALENDAR[n](stamps), dtype=np.float64) for n in names], axis=1)
-                        if names else np.zeros((len(times_ns), 0))).float()
-
-
-def standardised(columns: np.ndarray, train_rows: int) -> torch.Tensor:
-    """Each column less its mean over the first ``train_rows`` rows, over their standard deviation."""
-    values = torch.tensor(columns)
-    train = values[:train_rows]
-    return ((values - train.mean(dim=0)) / train.std(dim=0, unbiased=False).clamp_min(1e-8)).float()
-
-
-def infer_freq(times: "Any") -> Optional[str]:
-    """The pandas alias of a time index (the most common step where ``pd.infer_freq`` gives up)."""
-    import pandas as pd
-
-    head = pd.DatetimeIndex(times[: min(len(times), 2000)])
-    alias = pd.infer_freq(head) if len(head) >= 3 else None
-    if alias is None and len(head) >= 2:
-        steps = pd.Series(head[1:] - head[:-1]).mode()
-        alias = pd.tseries.frequencies.to_offset(steps.iloc[0]).freqstr if len(steps) else None
-    return alias
-
-
-def split_bounds(times_ns: np.ndarray, rule: str, ratios: Sequence[float], months: Sequence[int]) -> tuple[int, int, int]:
-    """Row indices (b1, b2, b3): train is [0, b1), validation [b1, b2), test [b2, b3)."""
-    n = len(times_ns)
-    if rule == "ratio":
-        if len(ratios) != 3 or any(r <= 0 for r in ratios) or sum(ratios) > 1 + 1e-9:
-            raise ConfigError(f"split_ratios must be three positive fractions summing to at most 1, got {list(ratios)}")
-        b1 = int(n * ratios[0])
-        b2 = b1 + int(n * ratios[1])
-        b3 = n if abs(sum(ratios) - 1) < 1e-9 else b2 + int(n * ratios[2])
-        return b1, b2, b3
-    if rule == "months":
-        if len(months) != 3 or any(m <= 0 for m in months):
-            raise ConfigError(f"split_months must be three positive month counts, got {list(months)}")
-        ends = np.cumsum(months) * 30 * DAY_NS + times_ns[0]
-        b1, b2, b3 = (int(np.searchsorted(times_ns, end, side="left")) for end in ends)
-        return b1, b2, b3
-    raise ConfigError(f"unknown split '{rule}'; use 'ratio' (60/20/20 by default) or 'months' (ETT's 12/4/4)")
-
-
-def window_starts(lo: int, hi: int, context_len: int, horizon_len: int, stride: int) -> np.ndarray:
-    """First target index of every window whose targets lie in [lo, hi) and whose context starts at
-    row 0 or later, every ``stride`` rows."""
-    first = max(lo, context_len)
-    last = hi - horizon_len
-    return np.arange(first, last + 1, stride) if last >= first else np.zeros(0, dtype=np.int64)
-
-
-class SeriesWindows(Dataset):
-    """Windows over series held as one (series, time) tensor: item i is series ``series[i]`` with
-    targets starting at row ``starts[i]``. A batch (``__getitems__``) is gathered at once.
-
-    Each window is a dict: ``past_values`` (context_len), ``future_values`` (horizon_len; NaN past
-    the end of the data), ``freq``, ``loc`` and ``scale`` (the series' standardisation, to report
-    errors in the original units), ``series`` and ``start`` (which window), and ``past_time`` /
-    ``future_time`` (int64 nanoseconds since the epoch; ``times`` has one row per row of ``values``,
-    or a single row that every series shares)."""
-
-    def __init__(self, values: torch.Tensor, times: torch.Tensor, series: np.ndarray, starts: np.ndarray,
-                 context_len: int, horizon_len: int, freq: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
-                 rows: Optional[torch.Tensor] = None, season: Optional[torch.Tensor] = None,
-                 past_covariates: Optional[torch.Tensor] = None, future_covariates: Optional[torch.Tensor] = None) -> None:
-        """``rows`` maps a series to its row of ``values`` and ``times`` (default: series i is row i;
-        series of unequal lengths can share one concatenated row, ``starts`` then being positions in it).
-        ``season`` is each series' season length (MASE's seasonal naive lag), given to every window as
-        ``season`` where set. ``past_covariates`` and ``future_covariates`` (rows of ``values``, time,
-        covariates) give each window ``past_covariates`` over its context alone and
-        ``future_covariates`` over its context and horizon."""
-        self.values, self.times = values, times
-        self.series = torch.as_tensor(series, dtype=torch.long)
-        self.rows = rows if rows is not None else torch.arange(values.shape[0])
-        self.starts = torch.as_tensor(starts, dtype=torch.long)
-        self.context_len, self.horizon_len = context_len, horizon_len
-        self.freq, self.loc, self.scale, self.season = freq, loc, scale, season
-        self.past_covariates, self.future_covariates = past_covariates, future_covariates
-        self._past = torch.arange(-context_len, 0)
-        self._future = torch.arange(horizon_len)
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: v[0] for k, v in self.__getitems__([i]).items()}
-
-    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        index = torch.as_tensor(indices, dtype=torch.long)
-        series, starts = self.series[index], self.starts[index]
-        row = self.rows[series][:, None]
-        trow = row if self.times.shape[0] > 1 else torch.zeros_like(row)  # one time axis shared by every row
-        past, future = starts[:, None] + self._past, starts[:, None] + self._future
-        batch = {"past_values": self.values[row, past], "future_values": self.values[row, future],
-                 "freq": self.freq[series], "loc": self.loc[series], "scale": self.scale[series],
-                 "series": series, "start": starts, "past_time": self.times[trow, past], "future_time": self.times[trow, future]}
-        if self.season is not None:
-            batch["season"] = self.season[series]
-        if self.past_covariates is not None:
-            batch["past_covariates"] = self.past_covariates[row, past]  # never a value at or after the forecast start
-        if self.future_covariates is not None:
-            batch["future_covariates"] = self.future_covariates[row, torch.cat([past, future], dim=1)]
-        return batch
-
-
-def gathered(batch: Any) -> dict[str, torch.Tensor]:
-    """Collate for ``SeriesWindows``: its ``__getitems__`` already returns the batch's tensors."""
-    if isinstance(batch, dict):
-        return batch
-    from torch.utils.data import default_collate
-
-    return default_collate(batch)
-
-
 def read_table(path: Path) -> "Any":
     import pandas as pd
 

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from lit_peft.data.base import SplitDataModule
-from lit_peft.data.forecasting import SeriesWindows, gathered, timesfm_freq
+from lit_peft.data.time_index import timesfm_freq
+from lit_peft.data.windows import SeriesWindows, gathered
 from lit_peft.errors import ConfigError
 
 #: name -> (file in tsdata/, time column, value columns, grouping columns, pandas frequency)

@@ -13,7 +13,7 @@ import torch
 
 from conftest import needs_shared
 from lit_peft.data import ForecastingData
-from lit_peft.data.forecasting import timesfm_freq
+from lit_peft.data.time_index import timesfm_freq
 from lit_peft.errors import ConfigError
 
 

@@ -10,7 +10,7 @@ import torch
 
 from conftest import TS_CONTEXT, TS_HORIZON, quiet_trainer
 from lit_peft.data import ForecastingData
-from lit_peft.data.forecasting import seasonality
+from lit_peft.data.time_index import seasonality
 from lit_peft.errors import ConfigError
 from lit_peft.tasks import Forecasting
 from lit_peft.tasks.forecast_metrics import MASE, QuantileScores
