@@ -165,12 +165,12 @@ class PromptResponseData(TokenizedDataModule, abc.ABC):
         h, chat = self.cfg, self.chat
         messages = self.conversation(record)
         answered = messages[-1]["role"] == "assistant"
-        context = messages[:-1] if answered else messages
         try:
-            prompt_ids = chat.prompt(context, record.tools)
-            if answered:
-                ids, labels, cut = chat.encode(messages, record.tools, max_turn_tokens=h.max_response_length)
+            if answered:  # the prompt is the conversation's own ids up to the last answer: what training saw
+                ids, labels, prompt_len, cut = chat.encode(messages, record.tools, max_turn_tokens=h.max_response_length)
+                prompt_ids = ids[:prompt_len]
             else:  # predict without a reference: the prompt alone
+                prompt_ids = chat.prompt(messages, record.tools)
                 ids, labels, cut = prompt_ids, [-100] * len(prompt_ids), False
         except ConfigError as err:
             raise ConfigError(f"{record.source}: {err}") from None

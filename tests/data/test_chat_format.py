@@ -103,7 +103,7 @@ def test_rendering_and_mask_follow_each_familys_template(family, template, bos_b
                                                          pieces, stops) -> None:
     tok = word_tokenizer(template, bos_by_tokenizer)
     chat = ChatFormat(tok, train_on=train_on)
-    got_ids, labels, cut = chat.encode(messages)
+    got_ids, labels, prompt_len, cut = chat.encode(messages)
     expected = [(i, learned) for text, learned in pieces for i in ids(tok, split(text))]
     assert got_ids == [i for i, _ in expected] and not cut
     assert labels == [i if learned else -100 for i, learned in expected]
@@ -111,7 +111,7 @@ def test_rendering_and_mask_follow_each_familys_template(family, template, bos_b
     # the generation prompt is exactly the tokens before the last learned turn
     last = max(k for k, (_, learned) in enumerate(pieces) if learned)
     before = [i for text, _ in pieces[:last] for i in ids(tok, split(text))]
-    assert chat.prompt(messages[:-1]) == before
+    assert chat.prompt(messages[:-1]) == before and prompt_len == len(before)
 
 
 def test_tool_calls_and_tools_are_rendered_by_the_template_and_learned() -> None:
@@ -121,7 +121,7 @@ def test_tool_calls_and_tools_are_rendered_by_the_template_and_learned() -> None
                  "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {"x": "Paris"}}}]},
                 {"role": "tool", "content": "Sunny"}, {"role": "assistant", "content": "Sunny"}]
     tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
-    got_ids, labels, _ = ChatFormat(tok).encode(messages, tools=tools)
+    got_ids, labels, _, _ = ChatFormat(tok).encode(messages, tools=tools)
     learned = tok.convert_ids_to_tokens([t for t in labels if t != -100])
     assert learned == split("call weather<eot>Sunny<eot>")
     assert got_ids[1] == tok.convert_tokens_to_ids("<tools>") and labels[1] == -100  # tools rendered, not learned
@@ -129,7 +129,7 @@ def test_tool_calls_and_tools_are_rendered_by_the_template_and_learned() -> None
 
 def test_a_cut_turn_loses_its_end_and_is_reported() -> None:
     tok = word_tokenizer(PHI3, bos_by_tokenizer=True)
-    got_ids, labels, cut = ChatFormat(tok).encode([{"role": "user", "content": "Hi"},
+    got_ids, labels, _, cut = ChatFormat(tok).encode([{"role": "user", "content": "Hi"},
                                                    {"role": "assistant", "content": "Hello,Hello"}], max_turn_tokens=2)
     assert cut and tok.convert_ids_to_tokens([t for t in labels if t != -100]) == ["Hello", ","]
 
@@ -141,7 +141,7 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_for_all_turns_only() 
     tok = word_tokenizer(template, bos_by_tokenizer=False)
     with pytest.raises(ConfigError, match="renders an earlier assistant turn differently.*train_on: last"):
         ChatFormat(tok, train_on="all").encode(TWO_TURNS)
-    _, labels, _ = ChatFormat(tok, train_on="last").encode(TWO_TURNS)
+    _, labels, _, _ = ChatFormat(tok, train_on="last").encode(TWO_TURNS)
     assert tok.convert_ids_to_tokens([t for t in labels if t != -100]) == ["Ciao", "<|end|>"]
 
 
@@ -150,7 +150,7 @@ def test_smollm2s_real_template(tiny_llama) -> None:
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     chat = ChatFormat(tok)
-    got_ids, labels, _ = chat.encode(TWO_TURNS)
+    got_ids, labels, _, _ = chat.encode(TWO_TURNS)
     end, start = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|im_start|>")
     piece = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     system = [start] + piece("system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face") + [end]
@@ -178,3 +178,67 @@ def test_generation_stops_on_the_models_ids_and_the_templates_end_of_turn() -> N
     assert task.stop_ids() == [eos, eom, eot]
     task.backbone.generation_config = SimpleNamespace(eos_token_id=None)
     assert task.stop_ids() == [eot, eos]
+
+
+def metaspace_tokenizer(template):
+    """A Llama-2-style SentencePiece tokenizer (words carry a leading '▁'), BOS by the tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["It", "is", "four", "Two", "plus", "two", "?", "Hi", "Be", "brief", "Hello", "Bye", "Ciao"]
+    vocab = {t: i for i, t in enumerate(["<s>", "</s>", "[INST]", "[/INST]", "<unk>", "▁"] + [f"▁{w}" for w in words]
+                                        + words)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    core.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  additional_special_tokens=["[INST]", "[/INST]"])
+    tok.chat_template = template
+    return tok
+
+
+# Mistral-Instruct v0.3's convention: the system text goes into the *last* user turn, answers end with EOS
+MISTRAL = ("{{ bos_token }}{% if messages[0].role == 'system' %}{% set sys = messages[0].content %}"
+           "{% set messages = messages[1:] %}{% endif %}{% for m in messages %}{% if m.role == 'user' %}"
+           "{% if loop.last and sys is defined %}[INST] {{ sys }} {{ m.content }}[/INST]{% else %}"
+           "[INST] {{ m.content }}[/INST]{% endif %}{% else %} {{ m.content | trim }}{{ eos_token }}{% endif %}{% endfor %}")
+
+
+def test_sentencepiece_ids_are_the_whole_texts_and_the_prompt_is_their_prefix() -> None:
+    """Tokenized turn by turn, '▁' would start every answer (['▁', '▁It', ...]); the whole text gives '▁It'."""
+    tok = metaspace_tokenizer(MISTRAL)
+    chat = ChatFormat(tok)
+    messages = [{"role": "user", "content": "Two plus two?"}, {"role": "assistant", "content": "It is four"}]
+    ids, labels, prompt_len, _ = chat.encode(messages)
+    whole = tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert ids == whole
+    assert tok.convert_ids_to_tokens([t for t in labels if t != -100]) == ["▁It", "▁is", "▁four", "</s>"]
+    assert tok.convert_ids_to_tokens(ids[:prompt_len])[-1] == "[/INST]" and all(t == -100 for t in labels[:prompt_len])
+
+
+def test_a_system_turn_that_only_the_last_user_turn_shows_is_folded_into_the_first() -> None:
+    tok = metaspace_tokenizer(MISTRAL)
+    for train_on in ("all", "last"):
+        ids, labels, _, _ = ChatFormat(tok, train_on=train_on).encode([SYSTEM] + TWO_TURNS)
+        tokens = tok.convert_ids_to_tokens(ids)
+        assert tokens.count("▁Be") == 1 and tokens.index("▁Be") < tokens.index("[/INST]")  # in the first user turn
+        learned = tok.convert_ids_to_tokens([t for t in labels if t != -100])
+        assert learned == (["▁Hello", "</s>", "▁Ciao", "</s>"] if train_on == "all" else ["▁Ciao", "</s>"])
+
+
+def test_a_template_closing_with_eos_after_the_last_turn_trains_every_turn() -> None:
+    """Phi-3's template ends a conversation with EOS unless a generation prompt follows."""
+    tok = word_tokenizer(PHI3 + "{% if not add_generation_prompt %}</s>{% endif %}", bos_by_tokenizer=True)
+    ids, labels, _, _ = ChatFormat(tok).encode(TWO_TURNS)
+    assert tok.convert_ids_to_tokens([t for t in labels if t != -100]) == ["Hello", "<|end|>", "Ciao", "<|end|>"]
+    assert tok.convert_ids_to_tokens(ids[-2:]) == ["\n", "</s>"]
+
+
+def test_a_template_without_an_end_of_turn_token_gets_eos_so_the_model_learns_to_stop() -> None:
+    tok = word_tokenizer("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}", bos_by_tokenizer=False)
+    chat = ChatFormat(tok)
+    _, labels, _, _ = chat.encode(TWO_TURNS[:2])
+    assert tok.convert_ids_to_tokens([t for t in labels if t != -100]) == ["Hello", "\n", "</s>"]
+    assert chat.stop_ids == ids(tok, ["</s>"])

@@ -44,6 +44,9 @@ def test_the_three_forms_are_detected_and_become_the_same_conversation(tmp_path,
     example = module.datasets["train"][0]
     learned = tok.decode([t for t in example["labels"] if t != -100])
     assert learned == "Hello!<|im_end|>Blue.<|im_end|>"
+    # the generation prompt of the last answer is exactly the ids training saw before it
+    assert example["input_ids"][:len(example["prompt_ids"])] == example["prompt_ids"]
+    assert tok.decode(example["prompt_ids"]).endswith("Name a colour.<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_train_on_last_and_a_system_prompt_for_conversations_without_one(tmp_path, tiny_llama) -> None:
