@@ -27,6 +27,7 @@ import glob
 import json
 import numbers
 import os
+import re
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,7 +39,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lit_peft.errors import ConfigError
 
-#: lit-peft's packaged task YAMLs (gsm8k_local)
+#: a GSM8K target's final answer line, which lit-peft's own scoring of lm-eval's generations needs
+FINAL_LINE = re.compile(r"####\s*-?[$\d.,]+")
+#: lit-peft's packaged task YAMLs (gsm8k_local, gsm8k_lit_peft)
 TASKS_DIR = Path(__file__).parent / "harness_tasks"
 #: datasets' builders that read local files named by ``dataset_kwargs.data_files``
 FILE_BUILDERS = {"json", "csv", "parquet", "text", "arrow"}
@@ -230,8 +233,10 @@ class Harness(Callback):
     Each task's metrics go into ``summary.json`` and the logger as ``harness_<task>_<metric>[_<filter>]``
     (a GSM8K task also gets ``harness_<task>_lit_peft_exact_match``: lit-peft's own answer extraction
     of lm-eval's generations, see ``gsm8k_rescore``), and every scored document into
-    ``harness_samples.jsonl`` in the run folder. Under DDP the other ranks wait at a barrier; a sharded
-    (FSDP) model is refused: merge the checkpoint and test it unsharded.
+    ``harness_samples.jsonl`` in the run folder. Under DDP the other ranks wait at a barrier (within the
+    process group's timeout, 30 minutes by default: a long harness run on a large model is best
+    tested on one device); a failure on rank 0 passes the barrier first, then stops every rank. A
+    sharded (FSDP) model is refused: merge the checkpoint and test it unsharded.
     """
 
     def __init__(self, tasks: Optional[list[str]] = None, task_dirs: Optional[list[str]] = None,
@@ -269,24 +274,33 @@ class Harness(Callback):
         from lit_peft.metrics import run_dir
 
         folder = run_dir(trainer)  # on every rank: it broadcasts
-        values: dict[str, float] = {}
+        failure: Optional[BaseException] = None
         if trainer.is_global_zero:
-            out = run_harness(pl_module.backbone, pl_module.tokenizer, self.tasks, task_dirs=self.task_dirs,
-                              data_dirs=self.data_dirs, **self.options)
-            for task, metrics in out["metrics"].items():
-                for key, value in metrics.items():
-                    metric, _, filt = key.partition(",")
-                    if not metric.endswith("_stderr"):
-                        values["_".join(["harness", task, metric] + ([filt] if filt != "none" else []))] = value
-                if task.startswith("gsm8k"):
-                    rows = gsm8k_rescore(out["samples"][task])
-                    values[f"harness_{task}_lit_peft_exact_match"] = sum(r["lit_peft"] for r in rows) / max(len(rows), 1)
-            from lit_peft.files import write_text
-
-            write_text(folder / "harness_samples.jsonl", "".join(
-                json.dumps({"task": task, **record}, default=str) + "\n"
-                for task, records in out["samples"].items() for record in records))
-            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})  # into summary.json
-            if trainer.logger is not None:
-                trainer.logger.log_metrics(values, step=trainer.global_step)
+            try:
+                self._run(trainer, pl_module, folder)
+            except BaseException as err:  # the other ranks wait at the barrier: let them pass, then fail
+                failure = err
         trainer.strategy.barrier("harness")
+        if failure is not None:
+            raise failure
+
+    def _run(self, trainer: Trainer, pl_module: LightningModule, folder: Path) -> None:
+        from lit_peft.files import write_text
+
+        out = run_harness(pl_module.backbone, pl_module.tokenizer, self.tasks, task_dirs=self.task_dirs,
+                          data_dirs=self.data_dirs, **self.options)
+        write_text(folder / "harness_samples.jsonl", "".join(  # first: a scoring error below loses no results
+            json.dumps({"task": task, **record}, default=str) + "\n"
+            for task, records in out["samples"].items() for record in records))
+        values: dict[str, float] = {}
+        for task, metrics in out["metrics"].items():
+            for key, value in metrics.items():
+                metric, _, filt = key.partition(",")
+                if not metric.endswith("_stderr"):
+                    values["_".join(["harness", task, metric] + ([filt] if filt != "none" else []))] = value
+            if task.startswith("gsm8k") and all(FINAL_LINE.search(str(r.get("target", ""))) for r in out["samples"][task]):
+                rows = gsm8k_rescore(out["samples"][task])  # GSM8K targets ('#### N'): lit-peft's scoring beside
+                values[f"harness_{task}_lit_peft_exact_match"] = sum(r["lit_peft"] for r in rows) / max(len(rows), 1)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})  # into summary.json
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(values, step=trainer.global_step)

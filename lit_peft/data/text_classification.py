@@ -66,19 +66,23 @@ def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     if suffix == ".parquet":
         import pandas as pd
 
-        records = pd.read_parquet(path).to_dict(orient="records")
-        return [(i, {k: _plain(v) for k, v in row.items()}) for i, row in enumerate(records, start=1)]
+        try:
+            records = pd.read_parquet(path).to_dict(orient="records")
+        except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            raise ConfigError(f"could not read '{path}' as parquet: {err}") from err
+        return [(i, _plain(row)) for i, row in enumerate(records, start=1)]
     raise ConfigError(f"data file '{path}' has an unknown format; use .csv, .tsv, .jsonl, .json or .parquet")
 
 
 def _plain(value: Any) -> Any:
-    """A parquet cell as JSON would give it: nested arrays as lists (pyarrow gives numpy arrays)."""
+    """A parquet row as JSON would give it: nested arrays as lists (pyarrow gives numpy arrays), absent
+    fields left out."""
     if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
         value = value.tolist()
     if isinstance(value, list):
         return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, dict):  # parquet gives a struct every field any row has: the absent ones are None
+        return {k: _plain(v) for k, v in value.items() if v is not None}
     return value
 
 

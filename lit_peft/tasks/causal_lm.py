@@ -129,6 +129,39 @@ class CausalLM(PeftTask):
             raise ConfigError(f"pack: true keeps packed examples apart through position_ids, which peft's "
                               f"{config.peft_type.value} drops or shifts (the examples would attend to each other); "
                               "set data.init_args.pack: false with this method")
+        if getattr(getattr(data, "cfg", None), "pack", False):
+            self.check_packing()
+
+    @torch.no_grad()
+    def check_packing(self) -> None:
+        """Refuse ``pack: true`` for a backbone that does not keep packed examples apart: transformers reads
+        restarting ``position_ids`` as sequence bounds in most decoders (Llama, Qwen, Mistral, Gemma,
+        GPT-2), but models that ignore them (OPT, Bloom, MPT) would let an example attend to the one
+        before it. Checked on the backbone itself: an 8-token example after another, packed, must give
+        the logits it gives alone, far closer than the same positions with attention across both."""
+        device = next(self.backbone.parameters()).device
+        first, second = torch.arange(3, 11, device=device)[None], torch.arange(20, 28, device=device)[None]
+        both, positions = torch.cat([first, second], 1), torch.arange(8, device=device).repeat(2)[None]
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            alone = self.backbone(input_ids=second, use_cache=False).logits.float()
+            packed = self.backbone(input_ids=both, attention_mask=None, position_ids=positions,
+                                   use_cache=False).logits[:, 8:].float()
+            crossed = self.backbone(input_ids=both, attention_mask=torch.ones_like(both), position_ids=positions,
+                                    use_cache=False).logits[:, 8:].float()  # the same positions, attention across
+        finally:
+            self.backbone.train(was_training)
+        leak, reach = (packed - alone).abs().max(), (crossed - alone).abs().max()
+        if not leak <= 0.1 * reach:
+            kind = getattr(getattr(self.backbone, "config", None), "model_type", type(self.backbone).__name__)
+            raise ConfigError(f"pack: true needs a model that keeps packed examples apart by their position_ids; "
+                              f"this one ({kind}) lets them attend to each other (logits move by {float(leak):.3g} "
+                              "packed); set data.init_args.pack: false")
+
+    def flash_attention(self) -> bool:
+        config = getattr(self.backbone, "config", None)
+        return "flash" in str(getattr(config, "_attn_implementation", "") or "")
 
     @staticmethod
     def inputs(batch: dict[str, Any]) -> dict[str, Any]:
@@ -151,6 +184,10 @@ class CausalLM(PeftTask):
         the method callback adds it again in ``training_step`` (and it would leak into validation and
         test losses). Model-side extras that need ``labels=`` (a mixture-of-experts router's auxiliary
         loss) are not added."""
+        if "position_ids" in batch and self.flash_attention():
+            # flash-attention reads packed sequences from position_ids only in a batch of one row: the rows go
+            # end to end (each row starts with an example's first token, which no label predicts)
+            batch = {k: batch[k].reshape(1, -1) for k in ("input_ids", "labels", "position_ids", "attention_mask")}
         labels = batch["labels"]
         if self.response_logits_only():
             targets = torch.full_like(labels, -100)
@@ -204,7 +241,10 @@ class CausalLM(PeftTask):
         ids: list[int] = []
         config = getattr(self.backbone, "generation_config", None)
         own = getattr(config, "eos_token_id", None)
-        for token in [*(own if isinstance(own, (list, tuple)) else [own]), *ChatFormat(self.tokenizer).stop_ids]:
+        chat = getattr(self, "_chat", None)
+        if chat is None or chat.tok is not self.tokenizer:  # built once: it renders a probe conversation
+            chat = self._chat = ChatFormat(self.tokenizer)
+        for token in [*(own if isinstance(own, (list, tuple)) else [own]), *chat.stop_ids]:
             if token is not None and int(token) not in ids:
                 ids.append(int(token))
         return ids

@@ -77,3 +77,39 @@ def test_a_packed_rows_loss_is_the_sum_of_its_examples_alone(toy_gsm8k, tiny_lla
         crossed["position_ids"] = torch.arange(crossed["input_ids"].shape[1])[None]
         crossed_sum, _ = task.loss_terms(crossed)
         assert (crossed_sum - total).abs() > 10 * (packed_sum - total).abs() + 1e-3
+
+
+def bare_task(model) -> CausalLM:
+    task = CausalLM.__new__(CausalLM)
+    torch.nn.Module.__init__(task)
+    task.backbone = model
+    return task
+
+
+def test_a_model_that_ignores_position_ids_is_refused_for_packing(tiny_llama) -> None:
+    """OPT reads positions from the attention mask, not position_ids: packed examples would attend to each other."""
+    from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM
+
+    from lit_peft.errors import ConfigError
+
+    bare_task(AutoModelForCausalLM.from_pretrained(tiny_llama)).check_packing()  # Llama keeps them apart
+    torch.manual_seed(0)
+    opt = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+                                   max_position_embeddings=64, word_embed_proj_dim=16))
+    with pytest.raises(ConfigError, match=r"pack: true needs a model that keeps packed examples apart.*\(opt\)"):
+        bare_task(opt).check_packing()
+
+
+def test_flash_attentions_batch_runs_as_one_row_with_the_same_loss(toy_gsm8k, tiny_llama, monkeypatch) -> None:
+    """Flash-attention sees packed sequences only in a one-row batch: rows are laid end to end, same loss."""
+    from transformers import AutoModelForCausalLM
+
+    examples, _ = gsm_examples(toy_gsm8k, tiny_llama)
+    batch = Collator(pad_id=0, with_prompts=False)(pack(examples[:9], 400))
+    assert batch["input_ids"].shape[0] > 1
+    task = bare_task(AutoModelForCausalLM.from_pretrained(tiny_llama).eval())
+    with torch.no_grad():
+        rows = task.loss_terms(batch)
+        monkeypatch.setattr(CausalLM, "flash_attention", lambda self: True)
+        flat = task.loss_terms(batch)
+    assert flat[1] == rows[1] and torch.allclose(flat[0], rows[0], rtol=1e-5)

@@ -83,8 +83,11 @@ def test_label_out_of_range_is_caught_before_training(tmp_path, tokenizer) -> No
 def test_missing_file_and_unknown_format(tmp_path, tokenizer) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         setup(TextClassificationData(train_file=str(tmp_path / "nope.csv")), tokenizer)
-    (tmp_path / "x.parquet").write_text("")
+    (tmp_path / "x.xlsx").write_text("")
     with pytest.raises(ConfigError, match="unknown format"):
+        setup(TextClassificationData(train_file=str(tmp_path / "x.xlsx")), tokenizer)
+    (tmp_path / "x.parquet").write_text("")
+    with pytest.raises(ConfigError, match="could not read '.*x.parquet' as parquet"):
         setup(TextClassificationData(train_file=str(tmp_path / "x.parquet")), tokenizer)
 
 
