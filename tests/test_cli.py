@@ -287,22 +287,30 @@ def test_label_outside_num_labels_names_the_row(tiny_bert, toy_data, tmp_path) -
     assert "Traceback" not in result.stderr
 
 
-def test_causal_lm_fit_test_and_predict_from_the_command_line(tiny_llama, toy_gsm8k, tmp_path) -> None:
+def write_gsm8k_config(folder: Path, tiny_llama: str, toy_gsm8k: Path, max_steps: int, limit_eval_rows: int,
+                       **generation) -> Path:
+    """A LoRA run of the tiny Llama on the toy GSM8K rows, logging to ``folder/runs/gsm``."""
     config = {
         "seed_everything": 3,
         "model": {"class_path": "lit_peft.tasks.CausalLM",
-                  "init_args": {"backbone": tiny_llama, "learning_rate": 1e-2, "max_new_tokens": 6,
-                                "do_sample": True, "temperature": 1.0}},
+                  "init_args": {"backbone": tiny_llama, "learning_rate": 1e-2, **generation}},
         "data": {"class_path": "lit_peft.data.GSM8KData",
                  "init_args": {"data_dir": str(toy_gsm8k), "val_size": 8, "max_length": 96, "batch_size": 8,
-                               "limit_eval_rows": 8}},
+                               "limit_eval_rows": limit_eval_rows}},
         "method": {"class_path": "lit_peft.methods.LoRA", "init_args": {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}},
-        "trainer": {"max_steps": 3, "accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False,
+        "trainer": {"max_steps": max_steps, "accelerator": "cpu", "enable_progress_bar": False,
+                    "enable_model_summary": False,
                     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                               "init_args": {"save_dir": str(tmp_path / "runs"), "name": "gsm"}}},
+                               "init_args": {"save_dir": str(folder / "runs"), "name": "gsm"}}},
     }
-    path = tmp_path / "gsm.yaml"
+    path = folder / "gsm.yaml"
     path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_causal_lm_fit_test_and_predict_from_the_command_line(tiny_llama, toy_gsm8k, tmp_path) -> None:
+    path = write_gsm8k_config(tmp_path, tiny_llama, toy_gsm8k, max_steps=3, limit_eval_rows=8, max_new_tokens=6,
+                              do_sample=True, temperature=1.0)
     cli("fit", "--config", str(path))
     run = tmp_path / "runs" / "gsm" / "version_0"
     ckpt = next((run / "checkpoints").glob("*.ckpt"))

@@ -165,24 +165,9 @@ def test_task_data_that_is_not_local_is_a_config_error(llama, mc_task) -> None:
 def test_lit_peft_test_runs_harness_tasks_into_the_summary(tiny_llama, toy_gsm8k, tmp_path) -> None:
     """``lit-peft test --harness.tasks``: lm-eval on the tested LoRA model, metrics in summary.json,
     every scored problem in harness_samples.jsonl, and lit-peft's own GSM8K scoring beside lm-eval's."""
-    import yaml
+    from test_cli import cli, write_gsm8k_config
 
-    from test_cli import cli
-
-    config = {
-        "seed_everything": 3,
-        "model": {"class_path": "lit_peft.tasks.CausalLM",
-                  "init_args": {"backbone": tiny_llama, "learning_rate": 1e-2, "max_new_tokens": 8}},
-        "data": {"class_path": "lit_peft.data.GSM8KData",
-                 "init_args": {"data_dir": str(toy_gsm8k), "val_size": 8, "max_length": 96, "batch_size": 8,
-                               "limit_eval_rows": 4}},
-        "method": {"class_path": "lit_peft.methods.LoRA", "init_args": {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}},
-        "trainer": {"max_steps": 2, "accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False,
-                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                               "init_args": {"save_dir": str(tmp_path / "runs"), "name": "gsm"}}},
-    }
-    path = tmp_path / "gsm.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = write_gsm8k_config(tmp_path, tiny_llama, toy_gsm8k, max_steps=2, limit_eval_rows=4, max_new_tokens=8)
     cli("fit", "--config", str(path))
     ckpt = next((tmp_path / "runs" / "gsm" / "version_0" / "checkpoints").glob("*.ckpt"))
     cli("test", "--config", str(path), "--ckpt_path", str(ckpt), "--harness.tasks", "[gsm8k_local, gsm8k_lit_peft]",
