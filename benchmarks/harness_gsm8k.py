@@ -1,6 +1,7 @@
 """GSM8K through lm-eval against lit-peft's own exact match, on the same problems.
 
-SmolLM2-135M-Instruct as shipped (no fine-tuning), the first ``--rows`` GSM8K test problems:
+SmolLM2-135M-Instruct as shipped (no fine-tuning), or a fine-tuned checkpoint (``--ckpt``), on the
+first ``--rows`` GSM8K test problems:
 
 - ``lit-peft``: lit-peft's own test loop (``GSM8KData`` + ``CausalLM``: zero-shot, instruction +
   question in the chat template, batched greedy generation, ``extract_answer``);
@@ -10,9 +11,9 @@ SmolLM2-135M-Instruct as shipped (no fine-tuning), the first ``--rows`` GSM8K te
 
 Per problem: identical generations, and agreement of correct / wrong between the scorings.
 
-    python benchmarks/harness_gsm8k.py [--rows 100] [--max_new_tokens 192] [--fewshot]
+    python benchmarks/harness_gsm8k.py [--rows 100] [--max_new_tokens 192] [--fewshot] [--ckpt C --name N]
 
-Writes ``benchmarks/results/harness_gsm8k.md`` and ``.json``.
+Writes ``benchmarks/results/<name>.md`` and ``.json`` (name: ``harness_gsm8k``).
 """
 
 from __future__ import annotations
@@ -47,14 +48,22 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100)
     parser.add_argument("--max_new_tokens", type=int, default=192)
     parser.add_argument("--fewshot", action="store_true", help="also lm-eval's standard 5-shot gsm8k")
+    parser.add_argument("--ckpt", help="a lit-peft checkpoint of SmolLM2 to score (default: the model as shipped)")
+    parser.add_argument("--name", default="harness_gsm8k")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     from lit_peft.data import GSM8KData
     from lit_peft.harness import gsm8k_rescore, run_harness
     from lit_peft.tasks import CausalLM
 
-    task = CausalLM(backbone="smollm2", max_new_tokens=args.max_new_tokens)
-    task.configure_model()
+    if args.ckpt:
+        from lit_peft.export import load_checkpoint
+
+        task = load_checkpoint(args.ckpt)
+        task.generation["max_new_tokens"] = args.max_new_tokens
+    else:
+        task = CausalLM(backbone="smollm2", max_new_tokens=args.max_new_tokens)
+        task.configure_model()
     data = GSM8KData(data_dir=args.data_dir, limit_eval_rows=args.rows, eval_batch_size=8, tokenizer="smollm2")
     results: dict = {"rows": args.rows, "max_new_tokens": args.max_new_tokens}
     started = time.time()
@@ -89,9 +98,10 @@ def main() -> None:
                                           for a, b, s in zip(ours, rows, same_text) if not s][:5],
             }
     out_dir = Path(args.out)
-    (out_dir / "harness_gsm8k.json").write_text(json.dumps({"summary": results, "per_problem": per_problem}, indent=2,
+    (out_dir / f"{args.name}.json").write_text(json.dumps({"summary": results, "per_problem": per_problem}, indent=2,
                                                            default=str) + "\n")
-    lines = [f"SmolLM2-135M-Instruct (no fine-tuning), the first {args.rows} GSM8K test problems, greedy, "
+    model = f"the checkpoint {args.ckpt}" if args.ckpt else "SmolLM2-135M-Instruct (no fine-tuning)"
+    lines = [f"{model}, the first {args.rows} GSM8K test problems, greedy, "
              f"{args.max_new_tokens} new tokens; CPU\n", "| scoring | exact match (%) | time (s) |", "|---|---|---|",
              f"| lit-peft test loop (extract_answer) | {100 * results['lit_peft']['exact_match']:.1f} | "
              f"{results['lit_peft']['time_s']} |"]
@@ -108,7 +118,7 @@ def main() -> None:
                   f"- correct/wrong agree, lit-peft's scoring on both: {100 * a['correct_agrees_same_scoring']:.1f}%",
                   f"- correct/wrong agree, lit-peft vs lm-eval strict-match: {100 * a['correct_agrees_strict']:.1f}%",
                   f"- correct/wrong agree, lit-peft vs lm-eval flexible-extract: {100 * a['correct_agrees_flexible']:.1f}%"]
-    (out_dir / "harness_gsm8k.md").write_text("\n".join(lines) + "\n")
+    (out_dir / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
