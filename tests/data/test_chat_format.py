@@ -132,6 +132,8 @@ def test_a_cut_turn_loses_its_end_and_is_reported() -> None:
     got_ids, labels, _, cut = ChatFormat(tok).encode([{"role": "user", "content": "Hi"},
                                                    {"role": "assistant", "content": "Hello,Hello"}], max_turn_tokens=2)
     assert cut and tok.convert_ids_to_tokens([t for t in labels if t != -100]) == ["Hello", ","]
+    # the cut turn still ends where the template ends it, as context: later turns follow a closed turn
+    assert tok.convert_ids_to_tokens(got_ids[-3:]) == [",", "<|end|>", "\n"] and labels[-2] == -100
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused_for_all_turns_only() -> None:
