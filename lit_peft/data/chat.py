@@ -141,11 +141,6 @@ class ChatFormat:
         """Token ids of the pieces' text and, per token, the index of the learned piece it belongs to
         (-1: context). A fast tokenizer tokenizes the whole text and a token belongs to a learned piece
         when it covers any of its characters; a slow one tokenizes piece by piece."""
-        learned_spans, at = [], 0
-        for k, (text, learned) in enumerate(pieces):
-            if learned:
-                learned_spans.append((at, at + len(text)))
-            at += len(text)
         if not getattr(self.tok, "is_fast", False):
             ids, owner, n = [], [], 0
             for text, learned in pieces:
@@ -154,6 +149,11 @@ class ChatFormat:
                 owner += [n if learned else -1] * len(piece)
                 n += learned
             return ids, owner
+        learned_spans, at = [], 0
+        for text, learned in pieces:
+            if learned:
+                learned_spans.append((at, at + len(text)))
+            at += len(text)
         encoded = self.tok("".join(t for t, _ in pieces), add_special_tokens=False, return_offsets_mapping=True)
         owner, span = [], 0
         for start, end in encoded["offset_mapping"]:
@@ -188,10 +188,8 @@ class ChatFormat:
             labels.append(token if span >= 0 else -100)
         if prompt_len is None:
             prompt_len = len(out_ids)
-        n = len(self.lead)
-        if n and out_ids[n:2 * n] == self.lead:  # the template wrote the tokenizer's leading tokens itself
-            out_ids, labels, prompt_len = out_ids[n:], labels[n:], prompt_len - n
-        return out_ids, labels, prompt_len, cut
+        n = self._doubled_lead(out_ids)
+        return out_ids[n:], labels[n:], prompt_len - n, cut
 
     def prompt(self, messages: list[dict], tools: Optional[list] = None) -> list[int]:
         """Token ids that ask for the next assistant turn after ``messages`` (for generation)."""
@@ -200,8 +198,13 @@ class ChatFormat:
         else:
             text = "".join(t for t, _ in self._plain_segments(messages, set()))
         ids = list(self.lead) + self.tok(text, add_special_tokens=False)["input_ids"]
+        return ids[self._doubled_lead(ids):]
+
+    def _doubled_lead(self, ids: list[int]) -> int:
+        """How many of ``ids``' first tokens to drop: the tokenizer's leading tokens where the template wrote
+        them itself right after (never BOS twice)."""
         n = len(self.lead)
-        return ids[n:] if n and ids[n:2 * n] == self.lead else ids
+        return n if n and ids[n:2 * n] == self.lead else 0
 
 
 def fold_system(messages: list[dict]) -> list[dict]:

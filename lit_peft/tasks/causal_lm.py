@@ -123,14 +123,14 @@ class CausalLM(PeftTask):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
+        if not getattr(getattr(getattr(self.trainer, "datamodule", None), "cfg", None), "pack", False):
+            return
         config = getattr(self.backbone, "active_peft_config", None)
-        data = getattr(self.trainer, "datamodule", None)
-        if config is not None and config.is_prompt_learning and getattr(getattr(data, "cfg", None), "pack", False):
+        if config is not None and config.is_prompt_learning:
             raise ConfigError(f"pack: true keeps packed examples apart through position_ids, which peft's "
                               f"{config.peft_type.value} drops or shifts (the examples would attend to each other); "
                               "set data.init_args.pack: false with this method")
-        if getattr(getattr(data, "cfg", None), "pack", False):
-            self.check_packing()
+        self.check_packing()
 
     @torch.no_grad()
     def check_packing(self) -> None:
